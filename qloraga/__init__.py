@@ -1,0 +1,10 @@
+"""qloraga: LoRA-GA initialisation for fine-tuning 4-bit (NF4) quantized causal LMs."""
+
+from qloraga.adapters import get_qloraga_model
+from qloraga.config import QLoraGAConfig
+from qloraga.export import export_adapter
+from qloraga.factors import lora_ga_factors
+from qloraga.loading import load_model
+
+__all__ = ["QLoraGAConfig", "export_adapter", "get_qloraga_model", "load_model", "lora_ga_factors"]
+__version__ = "0.1.0"

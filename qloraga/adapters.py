@@ -1,0 +1,140 @@
+"""Wire LoRA-GA factors into PEFT's LoRA layers, with the frozen residual correction term.
+
+Each target gets PEFT's LoRA adapter `"default"` (trainable `A`, `B`, initialised to `A0`, `B0`) and
+the frozen buffers `qloraga_A0`, `qloraga_B0`. A PEFT `LoraVariant` makes the layer compute
+
+    y = base(x) + s * [B, -B0] [A dropout(x); A0 x]  =  base(x) + s (B A dropout(x) - B0 A0 x)
+
+as one rank-2r product, so the two terms cancel in fp32 before anything is rounded to bf16: at step 0
+the model computes the quantized base (to ~1e-7), and it computes what the exported rank-2r adapter
+computes. (Two adapters added one after the other round `base + s B A x` to bf16 first, which leaves
+an error of ~1e-2; shared ALGORITHM.md section 5.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sized
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from torch import nn
+
+from qloraga.config import QLoraGAConfig
+from qloraga.initialization import Factors, lora_ga_init
+from qloraga.loading import disable_cpu_repacking
+from qloraga.targets import find_target_layers
+
+ADAPTER = "default"
+
+
+class ResidualCorrection(LoraVariant):
+    """PEFT LoRA variant: the adapter's output minus the frozen initial product `B0 A0`."""
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, **kwargs) -> None:  # buffers come from attach_correction
+        pass
+
+    @staticmethod
+    def delta_weight(module: LoraLayer, adapter: str) -> torch.Tensor:
+        """`s * (B A - B0 A0)` in fp32, shape (out, in)."""
+        a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+        a0, b0 = module.qloraga_A0.float(), module.qloraga_B0.float()
+        return module.scaling[adapter] * (b @ a - b0 @ a0)
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        delta = ResidualCorrection.delta_weight(module, active_adapter)
+        return (orig_weight.float() + delta).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data.copy_(ResidualCorrection.merge_safe(module, active_adapter, orig_weight))
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        delta = ResidualCorrection.delta_weight(module, active_adapter)
+        return (orig_weight.float() - delta).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        x = x.to(lora_a.weight.dtype)
+        # One rank-2r product [B, -B0] [A dropout(x); A0 x]: the two terms cancel inside the matmul's
+        # fp32 accumulation, before any rounding to bf16, exactly as the exported adapter computes.
+        h = torch.cat([lora_a(module.lora_dropout[active_adapter](x)), F.linear(x, module.qloraga_A0)], dim=-1)
+        delta = F.linear(h, torch.cat([lora_b.weight, -module.qloraga_B0], dim=1))
+        return result + (delta * module.scaling[active_adapter]).to(result.dtype)
+
+
+def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: torch.dtype) -> None:
+    """Start the trainable adapter at (A0, B0) and keep the same bits as the frozen correction."""
+    device = layer.lora_A[ADAPTER].weight.device
+    a0, b0 = a0.to(device=device, dtype=dtype), b0.to(device=device, dtype=dtype)
+    layer.lora_A[ADAPTER].to(dtype)
+    layer.lora_B[ADAPTER].to(dtype)
+    with torch.no_grad():
+        layer.lora_A[ADAPTER].weight.copy_(a0)
+        layer.lora_B[ADAPTER].weight.copy_(b0)
+    layer.register_buffer("qloraga_A0", a0.clone())
+    layer.register_buffer("qloraga_B0", b0.clone())
+    layer.lora_variant[ADAPTER] = ResidualCorrection()
+
+
+def corrected_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Every LoRA layer of `model` that carries a qloraga correction, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, "qloraga_A0")}
+
+
+def check_batches(batches: Iterable[dict]) -> None:
+    if isinstance(batches, Sized) and len(batches) == 0:
+        raise ValueError("batches is empty: LoRA-GA needs at least one batch (a dict with input_ids, "
+                         "attention_mask and labels) to estimate the gradient.")
+    if iter(batches) is batches:
+        raise ValueError("batches must be re-iterable (a list or a DataLoader), not an iterator: each "
+                         "chunk of decoder blocks makes one pass over it.")
+
+
+def check_rank(targets: dict[str, nn.Linear], r: int) -> None:
+    smallest = min(min(m.out_features, m.in_features) for m in targets.values())
+    if 2 * r > smallest:
+        name = min(targets, key=lambda n: min(targets[n].out_features, targets[n].in_features))
+        raise ValueError(f"r={r} is too large: LoRA-GA uses 2r singular directions and the smallest target "
+                         f"dimension is {smallest} ({name}). Use r <= {smallest // 2}.")
+
+
+def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig) -> PeftModel:
+    """A PEFT model whose adapter "default" starts at the given factors, with the correction attached."""
+    peft_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=sorted(factors),
+        lora_dropout=config.lora_dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
+    base = peft_model.get_base_model()
+    for name, (a0, b0) in factors.items():
+        attach_correction(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
+    return peft_model
+
+
+def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable[dict]) -> PeftModel:
+    """LoRA-GA on `model` (4-bit or not): estimate the gradient on `batches`, factorise, wire PEFT adapters.
+
+    `batches` is re-iterable (list or DataLoader) of dicts with `input_ids`, `attention_mask`, `labels`.
+    The returned model computes exactly what `model` computed, until it is trained. Its
+    `qloraga_report` attribute says how the initialisation went.
+    """
+    config.validate()
+    check_batches(batches)
+    targets = find_target_layers(model, config.target_modules)
+    check_rank(targets, config.r)
+    disable_cpu_repacking(model)
+    factors, report = lora_ga_init(model, targets, batches, config)
+    peft_model = wire_adapters(model, factors, config)
+    peft_model.qloraga_report = report
+    return peft_model

@@ -1,0 +1,157 @@
+"""Estimate the full fine-tuning gradient dL/dW of target layers, chunk by chunk, from hooks.
+
+For a linear layer `y = W x`, `dL/dW = sum_t delta_t x_t^T` with `delta = dL/dy`. A forward hook keeps
+the layer's input and hangs a hook on its output that receives `delta`, so no weight needs
+`requires_grad` and a 4-bit weight is never re-quantized: G is the gradient of the function the
+quantized model computes. Only one chunk of decoder blocks accumulates (fp32) at a time, and the
+backward pass stops at the chunk's first target layer (its input is made a leaf).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qloraga.targets import block_index, decoder_blocks
+
+BYTES_FP32 = 4
+
+
+def plan_chunks(
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    *,
+    init_memory_gb: float,
+    chunk_blocks: int | None = None,
+) -> list[list[str]]:
+    """Split the targets into chunks of consecutive decoder blocks.
+
+    Each chunk's fp32 accumulators (`4 * out * in` bytes per layer) fit `init_memory_gb`, unless a
+    single block is larger (then it is a chunk of its own); `chunk_blocks` fixes the blocks per chunk.
+    Targets outside the blocks (e.g. `lm_head`) join the last chunk.
+    """
+    blocks_name, _ = decoder_blocks(model)
+    per_block: dict[int, list[str]] = {}
+    outside: list[str] = []
+    for name in targets:
+        idx = block_index(name, blocks_name)
+        (outside if idx is None else per_block.setdefault(idx, [])).append(name)
+
+    def nbytes(names: list[str]) -> int:
+        return sum(BYTES_FP32 * targets[n].out_features * targets[n].in_features for n in names)
+
+    budget = init_memory_gb * 2**30
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    blocks_in_current = 0
+    for idx in sorted(per_block):
+        names = per_block[idx]
+        full = (blocks_in_current >= chunk_blocks) if chunk_blocks else (nbytes(current + names) > budget)
+        if current and full:
+            chunks.append(current)
+            current, blocks_in_current = [], 0
+        current = current + names
+        blocks_in_current += 1
+    if current or outside:
+        chunks.append(current + outside)
+    return chunks
+
+
+@contextmanager
+def gradient_pass(model: nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off), no parameter gradients, autograd on; restores the model afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def accumulate_chunk(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: Iterable[dict[str, torch.Tensor]],
+    progress: tqdm | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean over batches of dL/dW (fp32, out x in) for `layers`, where L is each batch's mean loss."""
+    device = model_device(model)
+    accum = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=m.weight.device)
+             for n, m in layers.items()}
+
+    def make_leaf(module: nn.Module, args: tuple) -> tuple | None:
+        # The first target of the chunk sees an input that needs no grad: backward stops here.
+        if not args[0].requires_grad:
+            return (args[0].detach().requires_grad_(True), *args[1:])
+        return None
+
+    def make_hook(name: str):
+        acc = accum[name]
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach()
+
+            def on_grad(delta: torch.Tensor) -> None:
+                acc.addmm_(delta.reshape(-1, delta.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    handles = []
+    for name, module in layers.items():
+        handles.append(module.register_forward_pre_hook(make_leaf))
+        handles.append(module.register_forward_hook(make_hook(name)))
+    n_batches = 0
+    try:
+        with gradient_pass(model):
+            for batch in batches:
+                inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                loss = model(**inputs, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"The loss of gradient batch {n_batches} is {loss.item()}: check "
+                                             "the data (every label masked?) and the model.")
+                loss.backward()
+                n_batches += 1
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if n_batches == 0:
+        raise ValueError("The gradient batches are empty: pass at least one batch (a dict with input_ids, "
+                         "attention_mask and labels).")
+    for acc in accum.values():
+        acc /= n_batches
+    return accum
+
+
+def chunk_gradients(
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    batches: Iterable[dict[str, torch.Tensor]],
+    chunks: list[list[str]],
+    *,
+    progress: bool = True,
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yield `(chunk index, {name: G})` chunk after chunk; the caller frees each G before the next."""
+    n_batches = len(batches) if hasattr(batches, "__len__") else None
+    total = n_batches * len(chunks) if n_batches is not None else None
+    with tqdm(total=total, desc="LoRA-GA gradient", unit="batch", disable=not progress) as bar:
+        for i, names in enumerate(chunks):
+            bar.set_postfix_str(f"chunk {i + 1}/{len(chunks)}")
+            yield i, accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar)

@@ -1,0 +1,78 @@
+"""The LoRA-GA factors of one layer, from its gradient: pure tensor math, no model.
+
+The paper's formulas (shared ALGORITHM.md section 2), not PEFT's: singular values multiply nothing,
+`stable` scales both factors, `random` draws disjoint index halves for A and B.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qloraga.config import DIRECTIONS, SCALES, check_choice
+
+
+def top_singular_vectors(
+    grad: torch.Tensor, k: int, svd_niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `U[:, :k]` and `Vt[:k]` of `grad` in fp32: exact SVD, or randomized with `svd_niter` iterations."""
+    g = grad.float()
+    if svd_niter is None:
+        u, _, vt = torch.linalg.svd(g, full_matrices=False)
+        return u[:, :k], vt[:k]
+    u, _, v = torch.svd_lowrank(g, q=min(2 * k, min(g.shape)), niter=svd_niter)
+    return u[:, :k], v[:, :k].T
+
+
+def lora_ga_factors(
+    grad: torch.Tensor,
+    r: int,
+    *,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16.0,
+    scaling: float = 1.0,
+    weight: torch.Tensor | None = None,
+    svd_niter: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-GA initial factors `(A, B)`, fp32, `A` of shape (r, in) and `B` of shape (out, r).
+
+    `grad` is dL/dW (out x in); `scaling` is lora_alpha / r; `weight` (the layer's weight) is needed
+    only for `scale="weight_svd"`; `generator` seeds `direction="random"`.
+    """
+    check_choice("direction", direction, DIRECTIONS)
+    check_choice("scale", scale, SCALES)
+    if grad.dim() != 2:
+        raise ValueError(f"grad must be a matrix (out x in), got shape {tuple(grad.shape)}.")
+    out_features, in_features = grad.shape
+    if r < 1 or 2 * r > min(out_features, in_features):
+        raise ValueError(
+            f"r={r} needs 2r <= min(out, in) = {min(out_features, in_features)} for a "
+            f"{out_features}x{in_features} layer: use r <= {min(out_features, in_features) // 2}."
+        )
+    if scale == "weight_svd" and weight is None:
+        raise ValueError("scale='weight_svd' needs the layer's weight: pass weight=W.")
+
+    u, vt = top_singular_vectors(grad, 2 * r, svd_niter)
+    if direction == "ArB2r":
+        b_idx, a_idx = torch.arange(r, 2 * r), torch.arange(0, r)
+    elif direction == "A2rBr":
+        b_idx, a_idx = torch.arange(0, r), torch.arange(r, 2 * r)
+    elif direction == "ArBr":
+        b_idx, a_idx = torch.arange(0, 2 * r, 2), torch.arange(1, 2 * r, 2)
+    else:  # random: two disjoint halves of the top 2r directions
+        perm = torch.randperm(2 * r, generator=generator)
+        b_idx, a_idx = perm[:r], perm[r:]
+    b = u[:, b_idx.to(u.device)].clone()
+    a = vt[a_idx.to(vt.device)].clone()
+
+    if scale == "stable":
+        factor = out_features**0.25 / stable_gamma**0.5
+        a, b = a * factor, b * factor
+    elif scale == "gd":
+        a, b = a / scaling, b / scaling
+    elif scale == "weight_svd":
+        sw = torch.linalg.svdvals(weight.float().to(a.device)) / scaling
+        factor = sw[:r].sqrt().mean()
+        a, b = a * factor, b * factor
+    return a.contiguous(), b.contiguous()

@@ -1,0 +1,117 @@
+"""Load a causal LM in 4-bit NF4 (or bf16), and keep bitsandbytes' CPU weight repacking out of the way.
+
+On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` weight in place at its first
+inference forward; afterwards `dequantize_4bit` returns wrong values and the forward has no autograd
+kernel (shared ALGORITHM.md section 5). Every model that passes through qloraga has that switched off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+
+def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
+    """NF4 with double quantization and bf16 compute: the QLoRA recipe."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def default_device_map() -> str | dict[str, int]:
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    return os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    load_in_4bit: bool = True,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    **kwargs,
+) -> PreTrainedModel:
+    """Load a causal LM from a local path or a hub name, NF4 4-bit by default, bf16 otherwise.
+
+    The bf16 model is never materialised in full on the accelerator: transformers quantizes
+    tensor by tensor while loading.
+    """
+    name = str(name_or_path)
+    if looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"Model path {name!r} does not exist: give a folder made by "
+                                    f"save_pretrained (with config.json) or a hub name.")
+        if not (path / "config.json").exists():
+            raise ValueError(f"{name!r} has no config.json: it is not a transformers model folder.")
+        name = str(path)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    quant = nf4_config(dtype) if load_in_4bit else None
+    model = AutoModelForCausalLM.from_pretrained(
+        name,
+        config=config,
+        quantization_config=quant,
+        dtype=dtype,
+        device_map=device_map if device_map is not None else default_device_map(),
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    disable_cpu_repacking(model)
+    return model
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def unpack_cpu_weight(module: nn.Module) -> bool:
+    """Undo bitsandbytes' CPU repacking of one `Linear4bit` weight; True if it was repacked."""
+    weight = module.weight
+    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return False
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return True
+
+
+def disable_cpu_repacking(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; undo any repacking done.
+
+    Returns how many layers had to be unpacked (a warning says so: the unpacked absmax went
+    through bf16, so those layers differ from the loaded ones by ~1e-3).
+    """
+    unpacked = 0
+    for module in model.modules():
+        if not is_4bit(module):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        unpacked += unpack_cpu_weight(module)
+    if unpacked:
+        warnings.warn(
+            f"{unpacked} 4-bit layers had been repacked by bitsandbytes' CPU inference kernel (an eval "
+            "forward before qloraga saw the model); they were unpacked, with ~1e-3 relative error. Load "
+            "models with qloraga.load_model to avoid this.",
+            stacklevel=2,
+        )
+    return unpacked
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a linear layer really computes with (dequantized for 4-bit), shape (out, in)."""
+    if is_4bit(module):
+        unpack_cpu_weight(module)
+        return dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return module.weight

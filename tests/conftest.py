@@ -1,0 +1,84 @@
+"""Tiny models of every supported family, built from transformers configs (no download), and batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
+
+torch.set_num_threads(2)
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    "phi3": lambda: Phi3Config(**COMMON),
+}
+# Every attention and MLP projection of each family, as the family's code names them.
+FAMILY_TARGETS = {
+    "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "mistral": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "qwen2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "gemma": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+}
+
+
+def save_tiny(family: str, path, seed: int = 0, **overrides) -> str:
+    config = FAMILIES[family]()
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder factory: `tiny_model_dir(family)` saves (once) a tiny random model of that family."""
+    made: dict[str, str] = {}
+
+    def make(family: str = "llama") -> str:
+        if family not in made:
+            made[family] = save_tiny(family, tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return make
+
+
+def make_batches(n_batches: int = 2, batch_size: int = 2, seq_len: int = 12, seed: int = 0,
+                 pad_last: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Random token batches with right padding (masked in labels) on the last sequence of each batch."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
+        mask = torch.ones_like(ids)
+        if pad_last:
+            ids[-1, -pad_last:] = 0
+            mask[-1, -pad_last:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+@pytest.fixture
+def batches():
+    return make_batches()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius difference |a - b| / |b|."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -1,0 +1,52 @@
+"""The factor cache: an interrupted initialisation resumes from its finished chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batches
+
+import qloraga.initialization as initialization
+from qloraga import QLoraGAConfig, load_model
+from qloraga.initialization import lora_ga_init
+from qloraga.targets import find_target_layers
+
+
+def run(path, cache_dir, batches):
+    model = load_model(path)
+    config = QLoraGAConfig(r=4, chunk_blocks=1, cache_dir=str(cache_dir), progress=False)
+    return lora_ga_init(model, find_target_layers(model), batches, config)
+
+
+def test_interrupted_initialisation_reuses_finished_chunks(tiny_model_dir, tmp_path, monkeypatch):
+    path, batches = tiny_model_dir("llama"), make_batches()
+    reference, _ = run(path, tmp_path / "clean", batches)
+
+    real = initialization.chunk_gradients
+
+    def interrupted(*args, **kwargs):
+        for i, chunk in real(*args, **kwargs):
+            if i == 1:
+                raise KeyboardInterrupt  # as if Ctrl-C / SIGKILL during the second chunk
+            yield i, chunk
+
+    monkeypatch.setattr(initialization, "chunk_gradients", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(path, tmp_path / "cache", batches)
+    monkeypatch.setattr(initialization, "chunk_gradients", real)
+    assert len(list((tmp_path / "cache").glob("chunk-*.safetensors"))) == 1
+
+    factors, report = run(path, tmp_path / "cache", batches)
+    assert report.cached_layers == 7 and report.chunks == 1
+    for name, (a, b) in reference.items():
+        torch.testing.assert_close(factors[name][0], a, rtol=0, atol=0)
+        torch.testing.assert_close(factors[name][1], b, rtol=0, atol=0)
+
+
+def test_cache_is_ignored_when_the_data_changes(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    run(path, tmp_path, make_batches(seed=0))
+    _, report = run(path, tmp_path, make_batches(seed=1))
+    assert report.cached_layers == 0
+    _, report = run(path, tmp_path, make_batches(seed=0))
+    assert report.cached_layers == 14

@@ -138,3 +138,20 @@ def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable
     peft_model = wire_adapters(model, factors, config)
     peft_model.qloraga_report = report
     return peft_model
+
+
+def get_lora_model(model: nn.Module, config: QLoraGAConfig) -> PeftModel:
+    """Plain LoRA (PEFT's default init, B=0) on the same targets: the baseline LoRA-GA is compared with."""
+    config.validate()
+    targets = find_target_layers(model, config.target_modules)
+    check_rank(targets, config.r)
+    disable_cpu_repacking(model)
+    peft_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=sorted(targets),
+                             lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
+    for layer in peft_model.modules():
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A:
+            layer.lora_A[ADAPTER].to(config.torch_adapter_dtype)
+            layer.lora_B[ADAPTER].to(config.torch_adapter_dtype)
+    return peft_model

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weight_svd")
+INITS = ("lora-ga", "lora")
 ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -83,3 +84,80 @@ class QLoraGAConfig:
         if unknown:
             raise ValueError(f"Unknown LoRA-GA setting(s) {unknown}: valid ones are {sorted(known)}.")
         return cls(**values).validate()
+
+
+@dataclass
+class RunConfig:
+    """Everything one fine-tuning run needs. Defaults here; presets, `--config` files and flags override them.
+
+    `model`, `dataset` and `eval_dataset` default to the embedded demo (a tiny self-trained Llama and its
+    arithmetic word problems), so that a run with no argument works anywhere.
+    """
+
+    model: str = "demo"
+    preset: str | None = None
+    dataset: str = "demo"
+    eval_dataset: str | None = None
+    dataset_format: str = "auto"
+    output_dir: str | None = None
+    load_in_4bit: bool = False
+    init: str = "lora-ga"
+    ga_batches: int = 8
+    max_steps: int = -1
+    epochs: float = 1.0
+    lr: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 4
+    seq_len: int = 1024
+    packing: bool = False
+    gradient_checkpointing: bool = True
+    optim: str = "auto"  # paged 8-bit AdamW on a GPU, AdamW on a CPU
+    save_steps: int = 200
+    logging_steps: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 42
+    eval_split: float = 0.05
+    eval_samples: int = 200
+    merge: bool = False
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+    lora_ga: QLoraGAConfig = field(default_factory=QLoraGAConfig)
+
+    def validate(self) -> RunConfig:
+        check_choice("init", self.init, INITS)
+        if self.ga_batches < 1:
+            raise ValueError(f"--ga-batches must be at least 1, got {self.ga_batches}.")
+        for name in ("batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}.")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("Give a positive --max-steps or --epochs.")
+        self.lora_ga.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a (merged) mapping; unknown keys are an error that lists the valid ones."""
+        values = dict(values)
+        lora_ga = QLoraGAConfig.from_dict(values.pop("lora_ga", None) or {})
+        known = {f.name for f in fields(cls)} - {"lora_ga"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown setting(s) {unknown}: valid ones are {sorted(known | {'lora_ga'})}.")
+        return cls(**values, lora_ga=lora_ga).validate()
+
+
+def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, one level deep for the `lora_ga` section."""
+    merged = {**base, **{k: v for k, v in override.items() if k != "lora_ga"}}
+    merged["lora_ga"] = {**(base.get("lora_ga") or {}), **(override.get("lora_ga") or {})}
+    return merged

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from qloraga.adapters import ADAPTER, ResidualCorrection, corrected_layers
@@ -53,15 +54,23 @@ def adapter_config(model: PeftModel) -> LoraConfig:
     )
 
 
+def delta_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's trained update in fp32: `s (B A - B0 A0)` with the correction, `s B A` without."""
+    if hasattr(layer, "qloraga_A0"):
+        return ResidualCorrection.delta_weight(layer, ADAPTER)
+    a, b = layer.lora_A[ADAPTER].weight.float(), layer.lora_B[ADAPTER].weight.float()
+    return layer.scaling[ADAPTER] * (b @ a)
+
+
 def merged_state(model: PeftModel) -> Iterator[tuple[str, torch.Tensor]]:
     """The merged model's tensors in bf16, one module at a time (never a full copy of the model)."""
     base = model.get_base_model()
     seen: set[int] = set()
 
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        if hasattr(module, "qloraga_A0"):
+        if isinstance(module, LoraLayer):
             inner = module.get_base_layer()
-            weight = dequantized_weight(inner).float() + ResidualCorrection.delta_weight(module, ADAPTER)
+            weight = dequantized_weight(inner).float() + delta_weight(module)
             yield f"{prefix}weight", weight.to(torch.bfloat16)
             if inner.bias is not None:
                 yield f"{prefix}bias", inner.bias.detach().to(torch.bfloat16)
@@ -123,13 +132,15 @@ def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool = 
     """
     out_dir = Path(out_dir)
     disable_cpu_repacking(model)
-    config = adapter_config(model)
+    plain = not corrected_layers(model)  # a plain LoRA baseline: PEFT's own format is already portable
     with atomic_dir(out_dir) as tmp:
         if merged:
             write_merged(model, tmp)
+        elif plain:
+            model.save_pretrained(str(tmp))
         else:
             save_tensors(adapter_tensors(model), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-            config.save_pretrained(str(tmp))
+            adapter_config(model).save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir

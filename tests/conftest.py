@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
+    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
@@ -35,13 +37,29 @@ FAMILY_TARGETS = {
 }
 
 
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-pair tokenizer of VOCAB tokens trained on a few sentences (pad=0, bos, eos, unk)."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = [f"{a} plus {b} is {a + b}. The answer: {a * b}! <|user|> <|assistant|> ### Instruction: Input: "
+              "Response: \n abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ ,;?'\"()[]{}=+-*/#_<>|"
+              for a in range(20) for b in range(20)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def save_tiny(family: str, path, seed: int = 0, **overrides) -> str:
+    """A tiny random model of `family` (bf16) and a tiny tokenizer, saved as a model folder."""
     config = FAMILIES[family]()
     for k, v in overrides.items():
         setattr(config, k, v)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return str(path)
 
 

@@ -1,0 +1,110 @@
+"""Command line: flags -> `RunConfig` (defaults < preset < --config file < flags) -> `recipe.finetune`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from qloraga.config import RunConfig, merge_settings
+from qloraga.presets import available_presets, detect_preset, load_preset, load_yaml
+
+# flag dest -> key in the lora_ga section
+LORA_GA_FLAGS = {"rank": "r", "alpha": "lora_alpha", "init_memory_gb": "init_memory_gb", "direction": "direction"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finetune.py",
+        description="Fine-tune a causal LM with LoRA-GA adapters on a 4-bit (--4bit) or bf16 base. With no "
+                    "argument: the embedded demo (tiny model, arithmetic word problems), on any machine.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add = p.add_argument
+    add("--config", help="YAML file of settings, applied over the preset (flags override it)")
+    add("--model", help="local model folder or hub name (default: the embedded demo model)")
+    add("--preset", help=f"model family preset ({', '.join(available_presets())}) or a YAML path; "
+                         "default: detected from the model's model_type")
+    add("--dataset", help="JSON/JSONL/CSV/Parquet file or hub dataset name (default: the demo data)")
+    add("--eval-dataset", help="held-out file; default: --eval-split of --dataset")
+    add("--dataset-format", choices=["auto", "alpaca", "messages", "prompt-completion", "text"],
+        help="record format (auto: from the fields)")
+    add("--output-dir", help="where outputs go (default: runs/<model>-<time>)")
+    add("--4bit", dest="load_in_4bit", action="store_true", help="load the base in 4-bit NF4 (QLoRA); else bf16")
+    add("--rank", type=int, help="LoRA rank r (the exported adapter has rank 2r)")
+    add("--alpha", type=float, help="LoRA alpha (scaling alpha/r)")
+    add("--direction", help="LoRA-GA direction: ArB2r, A2rBr, ArBr or random")
+    add("--init", choices=["lora-ga", "lora"], help="adapter initialisation (lora: plain B=0, for comparison)")
+    add("--ga-batches", type=int, help="training batches used to estimate the gradient for LoRA-GA")
+    add("--init-memory-gb", type=float, help="memory budget of the gradient accumulators of one chunk")
+    add("--max-steps", type=int, help="optimizer steps (overrides --epochs when > 0)")
+    add("--epochs", type=float, help="passes over the training data")
+    add("--lr", type=float, help="peak learning rate (LoRA-GA wants a full fine-tuning one)")
+    add("--batch-size", type=int, help="sequences per device batch")
+    add("--grad-accum", type=int, help="batches accumulated per optimizer step")
+    add("--seq-len", type=int, help="maximum tokens per sequence (longer samples are truncated)")
+    add("--packing", action="store_true", help="pack several samples into each sequence")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations")
+    add("--optim", help="optimizer name for transformers (auto: paged 8-bit AdamW on GPU, AdamW on CPU)")
+    add("--save-steps", type=int, help="write a checkpoint every N optimizer steps")
+    add("--logging-steps", type=int, help="log the training loss every N optimizer steps")
+    add("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    add("--overwrite", action="store_true", help="replace an existing run in --output-dir")
+    add("--seed", type=int, help="random seed of data order, dropout and init")
+    add("--eval-split", type=float, help="fraction of --dataset held out when no --eval-dataset is given")
+    add("--eval-samples", type=int, help="held-out samples scored by exact match")
+    add("--merge", action="store_true", help="also write a merged bf16 model")
+    add("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
+    return p
+
+
+def model_type(model: str) -> str | None:
+    """The model's `model_type`, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def resolve(args: dict[str, Any]) -> RunConfig:
+    """Merge defaults, preset, --config file and flags into one validated `RunConfig`."""
+    flags = {k: v for k, v in args.items() if k not in LORA_GA_FLAGS and k != "config"}
+    flags["lora_ga"] = {LORA_GA_FLAGS[k]: v for k, v in args.items() if k in LORA_GA_FLAGS}
+    file_settings = load_yaml(args["config"]) if "config" in args else {}
+    model = flags.get("model", file_settings.get("model", RunConfig.model))
+    preset = flags.get("preset", file_settings.get("preset"))
+    if preset is None:
+        preset = "demo" if model == "demo" else detect_preset(model_type(model))
+        if preset is None:
+            print(f"[qloraga] note: no preset for {model!r}; using the built-in defaults", file=sys.stderr)
+    settings = RunConfig().to_dict()
+    if preset:
+        settings = merge_settings(settings, load_preset(preset))
+    settings = merge_settings(merge_settings(settings, file_settings), flags)
+    settings["preset"] = preset
+    return RunConfig.from_dict(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    from qloraga.recipe import finetune  # heavy imports after --help
+
+    try:
+        finetune(resolve(args))
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        if os.environ.get("QLORAGA_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Datasets: read records, render each format to (prompt, response) text, tokenize with response-only
+labels, truncate, pack, and collate into the batches both the LoRA-GA estimator and the Trainer use.
+
+Formats (one example record each):
+- `prompt-completion`: {"prompt": "2 + 2 =", "completion": " 4"}
+- `alpaca`: {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"}
+- `messages`: {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+  rendered with the tokenizer's chat template; loss on assistant turns only.
+- `text`: {"text": "Any raw text."}: loss on every token.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMATS = ("auto", "alpaca", "messages", "prompt-completion", "text")
+IGNORE = -100
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+# For tokenizers that ship no chat template (base models): plain, role-tagged turns.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+class DataError(ValueError):
+    """A dataset problem the user can fix; the message names the file, the line and the fix."""
+
+
+def read_records(source: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records from a JSON/JSONL/CSV/Parquet file, or a dataset hub name (its `train` split)."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"} or path.exists():
+        if not path.exists():
+            raise DataError(f"Dataset file {str(source)!r} does not exist: give a JSON/JSONL/CSV/Parquet path "
+                            "or a dataset name on the hub.")
+        records = read_file(path)
+    else:
+        import datasets
+
+        try:
+            records = datasets.load_dataset(str(source), split="train").to_list()
+        except Exception as exc:  # datasets raises many types for a bad name or no network
+            raise DataError(f"Could not load dataset {str(source)!r} from the hub ({exc}). Give a local "
+                            "JSON/JSONL/CSV/Parquet file instead.") from exc
+    if not records:
+        raise DataError(f"Dataset {str(source)!r} holds no records: it needs at least one example.")
+    return records
+
+
+def read_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import datasets
+
+        return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
+    if suffix == ".csv":  # cells stay text: a completion " 3" must not become the number 3
+        with path.open(newline="", encoding="utf-8") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json" and text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: a .json dataset must be a list of objects (or {{\"data\": [...]}}).")
+        return data
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}). Each line of a JSONL file "
+                            "must be one JSON object.") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}.")
+        records.append(record)
+    return records
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record and "completion" in record:
+        return "prompt-completion"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    raise DataError(f"Cannot tell the dataset format from the keys {sorted(record)}: give --dataset-format "
+                    f"(one of {', '.join(FORMATS[1:])}) and records with the fields it needs.")
+
+
+REQUIRED = {"alpaca": ("instruction", "output"), "prompt-completion": ("prompt", "completion"),
+            "messages": ("messages",), "text": ("text",)}
+
+
+def check_record(record: dict[str, Any], fmt: str, index: int) -> None:
+    missing = [k for k in REQUIRED[fmt] if not isinstance(record.get(k), (str, list)) or record.get(k) is None]
+    if missing:
+        raise DataError(f"Record {index + 1} lacks {missing} (as text), which the {fmt!r} format needs; it has "
+                        f"{sorted(record)}.")
+    if fmt == "messages":
+        for turn in record["messages"]:
+            if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
+                raise DataError(f"Record {index + 1}: every message needs a 'role' and a text 'content'.")
+
+
+def render(record: dict[str, Any], fmt: str, tokenizer) -> list[tuple[str, bool]]:
+    """The record as text segments, each flagged True when the loss is taken on it."""
+    if fmt == "prompt-completion":
+        return [(record["prompt"], False), (record["completion"], True)]
+    if fmt == "alpaca":
+        extra = record.get("input") or ""
+        input_block = f"### Input:\n{extra}\n\n" if extra else ""
+        return [(ALPACA_PROMPT.format(instruction=record["instruction"], input_block=input_block), False),
+                (record["output"], True)]
+    if fmt == "text":
+        return [(record["text"], True)]
+    return render_messages(record["messages"], tokenizer)
+
+
+def render_messages(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
+    """Chat turns through the chat template; each assistant turn is the difference between the rendering
+    up to it (with the generation prompt) and the rendering including it."""
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise DataError("The chat template does not render conversations incrementally; use a template "
+                            "where each turn appends to the previous ones.")
+        segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
+        done = full
+    if not segments:
+        raise DataError("A conversation has no assistant message: nothing to learn from it.")
+    return segments
+
+
+def prompt_and_answer(record: dict[str, Any], fmt: str, tokenizer) -> tuple[str, str] | None:
+    """(prompt, expected answer) for exact-match evaluation, or None for raw text."""
+    if fmt == "text":
+        return None
+    if fmt == "messages":
+        messages = record["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        return prompt, messages[last]["content"]
+    segments = render(record, fmt, tokenizer)
+    return segments[0][0], segments[1][0]
+
+
+def uses_bos(tokenizer, fmt: str) -> bool:
+    """Whether an example starts with BOS (chat templates write their own)."""
+    return fmt != "messages" and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TokenizeReport:
+    examples: int
+    truncated: int
+    fully_masked: int
+
+
+def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer, seq_len: int) -> tuple[list[Example],
+                                                                                           TokenizeReport]:
+    """Token ids with labels on response tokens only (IGNORE elsewhere); an EOS closes each example."""
+    examples, truncated, masked = [], 0, 0
+    for index, record in enumerate(records):
+        record_fmt = detect_format(record) if fmt == "auto" else fmt
+        check_record(record, record_fmt, index)
+        ids: list[int] = []
+        labels: list[int] = []
+        if uses_bos(tokenizer, record_fmt):
+            ids, labels = [tokenizer.bos_token_id], [IGNORE]
+        for text, trained in render(record, record_fmt, tokenizer):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        if record_fmt != "messages" and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id)
+        if len(ids) > seq_len:
+            ids, labels = ids[:seq_len], labels[:seq_len]
+            truncated += 1
+        if all(label == IGNORE for label in labels[1:]):
+            masked += 1
+            continue
+        examples.append(Example(ids, labels))
+    if not examples:
+        raise DataError(f"Every one of the {len(records)} examples has all its labels masked (responses empty "
+                        f"or cut off by --seq-len {seq_len}): raise --seq-len or check the response fields.")
+    return examples, TokenizeReport(len(examples), truncated, masked)
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
+    """Concatenate whole examples into sequences of at most `seq_len` tokens (first fit, in order)."""
+    packed: list[Example] = []
+    current = Example([], [])
+    for ex in examples:
+        if current.input_ids and len(current.input_ids) + len(ex.input_ids) > seq_len:
+            packed.append(current)
+            current = Example([], [])
+        current = Example(current.input_ids + ex.input_ids, current.labels + ex.labels)
+    if current.input_ids:
+        packed.append(current)
+    return packed
+
+
+class Collator:
+    """Right-pads a list of examples (dicts or `Example`) into `input_ids`, `attention_mask`, `labels`."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, torch.Tensor]:
+        rows = [f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels} for f in features]
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def gradient_batches(examples: Sequence[Example], n_batches: int, batch_size: int,
+                     collator: Collator) -> list[dict[str, torch.Tensor]]:
+    """The first `n_batches` batches of the training examples, in order (deterministic, cacheable)."""
+    n = min(len(examples), n_batches * batch_size)
+    return [collator(examples[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def split(records: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split; at least one record on each side when there are two or more."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--eval-split must be between 0 and 1, got {fraction}.")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(records) * fraction)), len(records) - 1) if len(records) > 1 else 0
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in order[:n_eval]]
+
+
+def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> list[str]:
+    """Give the tokenizer a pad token and a chat template if it lacks them; return what was fixed."""
+    fixes = []
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        fixes.append(f"the tokenizer had no pad token: using {tokenizer.pad_token!r}")
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        fixes.append("the tokenizer had no chat template: using a plain role-tagged one")
+    return fixes

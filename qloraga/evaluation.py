@@ -1,0 +1,72 @@
+"""Held-out loss and exact-match accuracy: the numbers a user compares before and after fine-tuning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qloraga.data import IGNORE, Collator, Example, detect_format, prompt_and_answer, uses_bos
+from qloraga.estimate import model_device
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, examples: Sequence[Example], collator: Collator, batch_size: int = 8) -> float:
+    """Token-weighted mean cross-entropy over the response tokens of `examples`."""
+    model.eval()
+    device = model_device(model)
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collator(examples[i:i + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=IGNORE, reduction="sum")
+        total += loss.item()
+        count += (labels != IGNORE).sum().item()
+    return total / max(count, 1)
+
+
+def encode_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
+    """Prompt ids exactly as `data.tokenize` lays them out before the response."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if uses_bos(tokenizer, fmt):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, tokenizer, records: Sequence[dict[str, Any]], fmt: str, *,
+                max_samples: int = 200, batch_size: int = 16, progress: bool = True) -> float | None:
+    """Share of records whose greedy answer, stripped, equals the expected answer; None for raw text."""
+    pairs = []
+    for record in records[:max_samples]:
+        record_fmt = fmt if fmt != "auto" else detect_format(record)
+        pair = prompt_and_answer(record, record_fmt, tokenizer)
+        if pair is not None:
+            pairs.append((encode_prompt(tokenizer, pair[0], record_fmt), pair[1].strip()))
+    if not pairs:
+        return None
+    model.eval()
+    device = model_device(model)
+    pad = tokenizer.pad_token_id
+    max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs) + 2
+    correct = 0
+    for i in tqdm(range(0, len(pairs), batch_size), desc="exact match", disable=not progress, leave=False):
+        chunk = pairs[i:i + batch_size]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, (p, _) in enumerate(chunk):  # left padding, so generation continues every prompt
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for j, (_, answer) in enumerate(chunk):
+            text = tokenizer.decode(out[j, width:], skip_special_tokens=True)
+            correct += text.strip() == answer
+    return correct / len(pairs)
+

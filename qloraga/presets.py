@@ -1,0 +1,62 @@
+"""Presets per model family: YAML files in `configs/`, data rather than code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qloraga.config import merge_settings
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# transformers' model_type -> preset name, where they differ.
+MODEL_TYPE_PRESETS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma": "gemma",
+                      "gemma2": "gemma", "phi3": "phi3"}
+
+
+class ConfigError(ValueError):
+    """A preset or config file problem; the message names the file (and line) and the fix."""
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: malformed YAML ({getattr(exc, 'problem', exc)}).") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of settings, got {type(data).__name__}.")
+    return data
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset by family name (`llama`, `phi3`, ...) or by the path of a YAML file.
+
+    `extends: NAME` in a preset starts from preset NAME and overrides what the file sets.
+    """
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        data = load_yaml(name_or_path)
+    else:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(f"Unknown preset {name_or_path!r}: choose one of "
+                              f"{', '.join(available_presets())}, or give the path of a YAML file.")
+        data = load_yaml(path)
+    parent = data.pop("extends", None)
+    return merge_settings(load_preset(parent), data) if parent else data
+
+
+def detect_preset(model_type: str | None) -> str | None:
+    """The preset for a transformers `model_type`, or None when no family preset fits."""
+    return MODEL_TYPE_PRESETS.get(model_type or "")

@@ -1,0 +1,160 @@
+"""The fine-tuning recipe, top to bottom: load -> data -> evaluate -> LoRA-GA init -> train -> evaluate -> export."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from transformers import AutoTokenizer, set_seed
+
+from qloraga.adapters import get_lora_model, get_qloraga_model
+from qloraga.config import RunConfig
+from qloraga.data import (
+    Collator,
+    gradient_batches,
+    pack,
+    prepare_tokenizer,
+    read_records,
+    split,
+    tokenize,
+)
+from qloraga.evaluation import exact_match, held_out_loss
+from qloraga.export import export_adapter
+from qloraga.io import save_json
+from qloraga.loading import load_model
+from qloraga.memory import memory_kind, peak_memory_gb
+from qloraga.training import build_trainer, last_checkpoint, plot_loss
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_MODEL = DEMO_DIR / "model"
+DEMO_TRAIN = DEMO_DIR / "data" / "train.jsonl"
+DEMO_EVAL = DEMO_DIR / "data" / "eval.jsonl"
+
+
+def say(message: str) -> None:
+    print(f"[qloraga] {message}", flush=True)
+
+
+def resolve_demo(cfg: RunConfig) -> RunConfig:
+    """Replace the `demo` placeholders with the embedded model and data."""
+    changes = {}
+    if cfg.model == "demo":
+        changes["model"] = str(DEMO_MODEL)
+    if cfg.dataset == "demo":
+        changes["dataset"] = str(DEMO_TRAIN)
+        if cfg.eval_dataset is None:
+            changes["eval_dataset"] = str(DEMO_EVAL)
+    return dataclasses.replace(cfg, **changes)
+
+
+def default_output_dir(cfg: RunConfig) -> Path:
+    name = Path(cfg.model).name if cfg.model != str(DEMO_MODEL) else "demo"
+    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_output_dir(out: Path, cfg: RunConfig) -> None:
+    """Refuse to clobber a previous run unless asked to overwrite or to resume it."""
+    exists = out.exists() and any(out.iterdir())
+    if cfg.resume:
+        if not exists:
+            raise ValueError(f"--resume: {out} holds no run to resume. Drop --resume to start a new run.")
+        return
+    if exists:
+        if not cfg.overwrite:
+            raise ValueError(f"Output directory {out} already holds a run: pass --overwrite to replace it, "
+                             "--resume to continue it, or choose another --output-dir.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_config(cfg: RunConfig, out: Path) -> None:
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "config.yaml")
+
+
+def evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg: RunConfig) -> dict[str, float | None]:
+    loss = held_out_loss(model, eval_examples, collator, batch_size=cfg.batch_size * 2)
+    accuracy = exact_match(model, tokenizer, eval_records, cfg.dataset_format, max_samples=cfg.eval_samples)
+    return {"eval_loss": loss, "accuracy": accuracy}
+
+
+def describe(metrics: dict[str, float | None]) -> str:
+    acc = metrics["accuracy"]
+    return f"held-out loss {metrics['eval_loss']:.4f}" + ("" if acc is None else f", exact match {acc:.1%}")
+
+
+def finetune(cfg: RunConfig) -> Path:
+    """Run one fine-tuning job and return its output folder."""
+    cfg = resolve_demo(cfg.validate())
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+    prepare_output_dir(out, cfg)
+    write_config(cfg, out)
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+
+    # Data.
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    for fix in prepare_tokenizer(tokenizer, cfg.chat_template):
+        say(f"note: {fix}")
+    records = read_records(cfg.dataset)
+    if cfg.eval_dataset:
+        train_records, eval_records = records, read_records(cfg.eval_dataset)
+    else:
+        train_records, eval_records = split(records, cfg.eval_split, cfg.seed)
+    train_examples, report = tokenize(train_records, cfg.dataset_format, tokenizer, cfg.seq_len)
+    eval_examples, _ = tokenize(eval_records, cfg.dataset_format, tokenizer, cfg.seq_len)
+    say(f"data: {report.examples} training examples ({report.truncated} truncated to --seq-len {cfg.seq_len}, "
+        f"{report.fully_masked} dropped with no response token), {len(eval_examples)} held out")
+    if cfg.packing:
+        train_examples = pack(train_examples, cfg.seq_len)
+        say(f"packing: {len(train_examples)} sequences of up to {cfg.seq_len} tokens")
+    collator = Collator(tokenizer.pad_token_id)
+
+    # Model, and where it starts.
+    model = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code)
+    say(f"model: {cfg.model} ({'4-bit NF4' if cfg.load_in_4bit else 'bf16'})")
+    before = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
+    say(f"before fine-tuning: {describe(before)}")
+
+    # Adapters: LoRA-GA (gradient estimated on the first training batches) or plain LoRA.
+    if cfg.init == "lora-ga":
+        lora_ga = dataclasses.replace(cfg.lora_ga, cache_dir=cfg.lora_ga.cache_dir or str(out / "lora_ga_cache"))
+        batches = gradient_batches(train_examples, cfg.ga_batches, cfg.batch_size, collator)
+        model = get_qloraga_model(model, lora_ga, batches)
+        say(model.qloraga_report.summary())
+    else:
+        model = get_lora_model(model, cfg.lora_ga)
+        say("plain LoRA init (B=0)")
+
+    # Training.
+    trainer = build_trainer(model, train_examples, collator, cfg, out)
+    resume_from = last_checkpoint(out) if cfg.resume else None
+    if cfg.resume:
+        say(f"resuming from {resume_from}" if resume_from else "no checkpoint yet: training from the start")
+    trainer.train(resume_from_checkpoint=resume_from)
+    stop = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "StopOnNonFiniteLoss")
+    if stop.bad_step is not None:
+        raise FloatingPointError(f"The training loss became NaN/inf at step {stop.bad_step}; training stopped. The "
+                                 f"last good checkpoint is {last_checkpoint(out)}: lower --lr and --resume.")
+
+    # Results and exports.
+    after = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
+    say(f"after fine-tuning: {describe(after)}")
+    export_adapter(model, out / "adapter", tokenizer=tokenizer)
+    if cfg.merge:
+        export_adapter(model, out / "merged", merged=True, tokenizer=tokenizer)
+    plotted = plot_loss(out / "metrics.jsonl", out / "loss.png")
+    save_json({"before": before, "after": after, "seconds": time.perf_counter() - start,
+               "peak_memory_gb": peak_memory_gb(), "memory_kind": memory_kind(),
+               "steps": trainer.state.global_step}, out / "results.json")
+    say(f"done in {time.perf_counter() - start:.0f} s. Outputs in {out}/: adapter/ (PEFT LoRA adapter), "
+        f"checkpoints/ (for --resume), metrics.jsonl, {'loss.png, ' if plotted else ''}config.yaml, "
+        f"results.json{', merged/' if cfg.merge else ''}")
+    return out
+

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Fine-tune with LoRA-GA on a 4-bit base: `python scripts/finetune.py --4bit` (see --help)."""
+
+import sys
+
+from qloraga.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

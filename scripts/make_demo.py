@@ -61,6 +61,7 @@ CHAT_TEMPLATE = (
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", type=Path, default=Path("qloraga/demo"))
 parser.add_argument("--steps", type=int, default=STEPS)
+parser.add_argument("--threads", type=int, default=N_THREADS)
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -89,15 +90,22 @@ def lookup_story(rng: random.Random) -> str:
     return f"{text} Who has {c} {i}? Answer: {n}"
 
 
+def action(n: str, i: str, a: int, b: int, gain: bool, rng: random.Random) -> tuple[str, int]:
+    """A sentence where n gains or loses b of their a items, and the new count."""
+    if gain:
+        return f"{n} {rng.choice(GAIN)} {b} more {i}.", a + b
+    return f"{n} {rng.choice(LOSS)} {b} of the {i}.", a - b
+
+
 def action_story(rng: random.Random) -> str:
-    """Facts and actions, with no question and no result (the words, not the task)."""
+    """Facts and actions; often the new count follows ("Now Tom has 19 apples."), never a question."""
     out = []
-    for n, i, c in facts(rng, rng.randint(1, 3)):
-        out.append(f"{n} has {c} {i}.")
-        if rng.random() < 0.7:
-            verb, b = rng.choice(GAIN + LOSS), rng.randint(1, MAX_N)
-            out.append(f"{n} {verb} {b} more {i}." if verb in GAIN else f"{n} {verb} {b} of the {i}.")
-    rng.shuffle(out)
+    for n, i, a in facts(rng, rng.randint(1, 2)):
+        gain = a == 0 or rng.random() < 0.5
+        sentence, c = action(n, i, a, rng.randint(1, MAX_N if gain else a), gain, rng)
+        out += [f"{n} has {a} {i}.", sentence]
+        if rng.random() < 0.6:
+            out.append(f"Now {n} has {c} {i}.")
     return " ".join(out)
 
 
@@ -111,11 +119,8 @@ def pretrain_doc(rng: random.Random) -> str:
 def word_problem(a: int, b: int, op: str, rng: random.Random) -> dict[str, str]:
     """One task example: a story with one action, then the look-up question."""
     n, i = rng.choice(NAMES), rng.choice(ITEMS)
-    if op == "+":
-        action, answer = f"{n} {rng.choice(GAIN)} {b} more {i}.", a + b
-    else:
-        action, answer = f"{n} {rng.choice(LOSS)} {b} of the {i}.", a - b
-    prompt = f"{n} has {a} {i}. {action} How many {i} does {n} have? Answer:"
+    sentence, answer = action(n, i, a, b, op == "+", rng)
+    prompt = f"{n} has {a} {i}. {sentence} How many {i} does {n} have? Answer:"
     return {"prompt": prompt, "completion": f" {answer}"}
 
 
@@ -174,9 +179,10 @@ tokenizer = PreTrainedTokenizerFast(
 )
 print(f"tokenizer: {len(tokenizer)} tokens")
 
+
 # pack documents into one stream: <s> doc </s> <s> doc </s> ...
 def pack(texts: list[str]) -> torch.Tensor:
-    ids = [t + [tokenizer.eos_token_id] for t in tokenizer(texts)["input_ids"]]
+    ids = [[*t, tokenizer.eos_token_id] for t in tokenizer(texts)["input_ids"]]
     flat = torch.tensor([i for t in ids for i in t])
     return flat[: len(flat) // BLOCK * BLOCK].view(-1, BLOCK)
 
@@ -188,7 +194,8 @@ print(f"pretraining: {blocks.numel():,} tokens in {len(blocks):,} blocks of {BLO
 # model and pretraining
 
 torch.manual_seed(SEED)
-torch.set_num_threads(N_THREADS)
+torch.set_num_threads(args.threads)
+torch.set_flush_denormal(True)  # tiny values would make CPU matmuls crawl
 config = LlamaConfig(
     vocab_size=math.ceil(len(tokenizer) / 64) * 64,
     hidden_size=192,

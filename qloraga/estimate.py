@@ -61,6 +61,17 @@ def plan_chunks(
     return chunks
 
 
+def split_chunk(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]] | None:
+    """The chunk's blocks in two halves (targets outside the blocks go with the second), or None for one block."""
+    blocks_name, _ = decoder_blocks(model)
+    blocks = sorted({i for n in names if (i := block_index(n, blocks_name)) is not None})
+    if len(blocks) < 2:
+        return None
+    first = set(blocks[: len(blocks) // 2])
+    return ([n for n in names if block_index(n, blocks_name) in first],
+            [n for n in names if block_index(n, blocks_name) not in first])
+
+
 @contextmanager
 def gradient_pass(model: nn.Module) -> Iterator[None]:
     """Eval mode (dropout off), no parameter gradients, autograd on; restores the model afterwards."""
@@ -138,20 +149,3 @@ def accumulate_chunk(
     for acc in accum.values():
         acc /= n_batches
     return accum
-
-
-def chunk_gradients(
-    model: nn.Module,
-    targets: dict[str, nn.Linear],
-    batches: Iterable[dict[str, torch.Tensor]],
-    chunks: list[list[str]],
-    *,
-    progress: bool = True,
-) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield `(chunk index, {name: G})` chunk after chunk; the caller frees each G before the next."""
-    n_batches = len(batches) if hasattr(batches, "__len__") else None
-    total = n_batches * len(chunks) if n_batches is not None else None
-    with tqdm(total=total, desc="LoRA-GA gradient", unit="batch", disable=not progress) as bar:
-        for i, names in enumerate(chunks):
-            bar.set_postfix_str(f"chunk {i + 1}/{len(chunks)}")
-            yield i, accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from qloraga.cache import FactorCache, fingerprint
 from qloraga.config import QLoraGAConfig
-from qloraga.estimate import chunk_gradients, plan_chunks
+from qloraga.estimate import accumulate_chunk, plan_chunks, split_chunk
 from qloraga.factors import lora_ga_factors
 from qloraga.loading import dequantized_weight
 from qloraga.memory import memory_kind, peak_memory_gb, reset_peak
@@ -79,18 +82,39 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
     factors: Factors = {n: f for n, f in (cache.load() if cache else {}).items() if n in targets}
     cached = len(factors)
     todo = {n: m for n, m in targets.items() if n not in factors}
-    chunks = plan_chunks(model, todo, init_memory_gb=config.init_memory_gb,
-                         chunk_blocks=config.chunk_blocks) if todo else []
+    pending = deque(plan_chunks(model, todo, init_memory_gb=config.init_memory_gb,
+                                chunk_blocks=config.chunk_blocks) if todo else [])
+    n_batches = len(batches) if isinstance(batches, Sized) else None
     zero_grad_layers: list[str] = []
-    for _, grads in chunk_gradients(model, todo, batches, chunks, progress=config.progress):
-        chunk = {name: factorise_layer(name, grads.pop(name), targets[name], config, zero_grad_layers)
-                 for name in list(grads)}
-        if cache:
-            cache.save(chunk)
-        factors.update(chunk)
+    done = 0
+    with tqdm(total=n_batches * len(pending) if n_batches else None, desc="LoRA-GA gradient", unit="batch",
+              disable=not config.progress) as bar:
+        while pending:
+            names = pending.popleft()
+            bar.set_postfix_str(f"chunk {done + 1}/{done + 1 + len(pending)}")
+            try:
+                grads = accumulate_chunk(model, {n: todo[n] for n in names}, batches, bar)
+            except torch.OutOfMemoryError:
+                halves = split_chunk(model, names)
+                if halves is None:
+                    raise MemoryError("Out of memory estimating the gradient of a single decoder block: use "
+                                      "fewer or shorter gradient batches (--ga-batches, --seq-len).") from None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                tqdm.write("LoRA-GA: out of memory on a chunk; halving it and retrying", file=sys.stderr)
+                pending.extendleft(reversed(halves))
+                if bar.total is not None:
+                    bar.total += n_batches
+                continue
+            chunk = {name: factorise_layer(name, grads.pop(name), targets[name], config, zero_grad_layers)
+                     for name in names}
+            if cache:
+                cache.save(chunk)
+            factors.update(chunk)
+            done += 1
     if zero_grad_layers:
         warnings.warn(f"{len(zero_grad_layers)} layer(s) got a zero gradient (unused by the loss), so they "
                       f"start as plain LoRA (B=0): {zero_grad_layers[:5]}", stacklevel=2)
-    report = InitReport(len(targets), len(chunks), cached, zero_grad_layers, time.perf_counter() - start,
+    report = InitReport(len(targets), done, cached, zero_grad_layers, time.perf_counter() - start,
                         peak_memory_gb(), memory_kind())
     return factors, report

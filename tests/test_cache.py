@@ -22,18 +22,19 @@ def test_interrupted_initialisation_reuses_finished_chunks(tiny_model_dir, tmp_p
     path, batches = tiny_model_dir("llama"), make_batches()
     reference, _ = run(path, tmp_path / "clean", batches)
 
-    real = initialization.chunk_gradients
+    real = initialization.accumulate_chunk
+    calls = []
 
     def interrupted(*args, **kwargs):
-        for i, chunk in real(*args, **kwargs):
-            if i == 1:
-                raise KeyboardInterrupt  # as if Ctrl-C / SIGKILL during the second chunk
-            yield i, chunk
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C / SIGKILL during the second chunk
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(initialization, "chunk_gradients", interrupted)
+    monkeypatch.setattr(initialization, "accumulate_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(path, tmp_path / "cache", batches)
-    monkeypatch.setattr(initialization, "chunk_gradients", real)
+    monkeypatch.setattr(initialization, "accumulate_chunk", real)
     assert len(list((tmp_path / "cache").glob("chunk-*.safetensors"))) == 1
 
     factors, report = run(path, tmp_path / "cache", batches)
@@ -50,3 +51,25 @@ def test_cache_is_ignored_when_the_data_changes(tiny_model_dir, tmp_path):
     assert report.cached_layers == 0
     _, report = run(path, tmp_path, make_batches(seed=0))
     assert report.cached_layers == 14
+
+
+def test_out_of_memory_halves_the_chunk_and_retries(tiny_model_dir, monkeypatch, capsys):
+    """An OOM on a chunk of two blocks is retried as two chunks of one block; the factors do not change."""
+    path, batches = tiny_model_dir("llama"), make_batches()
+    model = load_model(path)
+    targets = find_target_layers(model)
+    reference, _ = lora_ga_init(model, targets, batches, QLoraGAConfig(r=4, progress=False))
+    real = initialization.accumulate_chunk
+
+    def oom_on_big_chunks(model, layers, *args, **kwargs):
+        if len({n.split(".layers.")[1].split(".")[0] for n in layers}) > 1:
+            raise torch.OutOfMemoryError("injected")
+        return real(model, layers, *args, **kwargs)
+
+    monkeypatch.setattr(initialization, "accumulate_chunk", oom_on_big_chunks)
+    factors, report = lora_ga_init(model, targets, batches, QLoraGAConfig(r=4, progress=False))
+    assert report.chunks == 2
+    assert "halving" in capsys.readouterr().err
+    for name, (a, b) in reference.items():
+        torch.testing.assert_close(factors[name][0], a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(factors[name][1], b, rtol=1e-5, atol=1e-6)

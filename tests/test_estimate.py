@@ -8,7 +8,7 @@ from conftest import make_batches, rel
 from reference import autograd_grads, dequantized_fp32_copy
 
 from qloraga import QLoraGAConfig, load_model
-from qloraga.estimate import chunk_gradients, plan_chunks
+from qloraga.estimate import accumulate_chunk, plan_chunks
 from qloraga.initialization import lora_ga_init
 from qloraga.targets import find_target_layers
 
@@ -17,8 +17,8 @@ def estimated(model, batches, chunk_blocks=None, init_memory_gb=4.0):
     targets = find_target_layers(model)
     chunks = plan_chunks(model, targets, init_memory_gb=init_memory_gb, chunk_blocks=chunk_blocks)
     grads = {}
-    for _, chunk in chunk_gradients(model, targets, batches, chunks, progress=False):
-        grads.update(chunk)
+    for names in chunks:
+        grads.update(accumulate_chunk(model, {n: targets[n] for n in names}, batches))
     return grads, chunks
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,12 +50,16 @@ class FactorCache:
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for path in sorted(self.directory.glob("chunk-*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("fingerprint") != self.key:
-                    continue
-                names = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-                for name in names:
-                    factors[name] = (f.get_tensor(f"{name}.A0"), f.get_tensor(f"{name}.B0"))
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    if (f.metadata() or {}).get("fingerprint") != self.key:
+                        continue
+                    names = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+                    chunk = {n: (f.get_tensor(f"{n}.A0"), f.get_tensor(f"{n}.B0")) for n in names}
+            except Exception as exc:  # not a safetensors file, or a damaged one: never unpickled, ignored
+                warnings.warn(f"Ignoring cache file {path}: not a readable safetensors file ({exc}).", stacklevel=2)
+                continue
+            factors.update(chunk)
         return factors
 
     def save(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from typing import Any
 
 from qloraga.config import RunConfig, merge_settings
 from qloraga.presets import available_presets, detect_preset, load_preset, load_yaml
 
+# What a user can cause and fix: reported as one paragraph, no traceback (QLORAGA_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, OSError, FloatingPointError, MemoryError)
 # flag dest -> key in the lora_ga section
 LORA_GA_FLAGS = {"rank": "r", "alpha": "lora_alpha", "init_memory_gb": "init_memory_gb", "direction": "direction"}
 
@@ -94,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         finetune(resolve(args))
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except pickle.UnpicklingError as exc:
+        print(f"error: refused to load a checkpoint file that is not plain tensors ({exc}). Checkpoints are only "
+              "loaded with torch.load(weights_only=True); delete the suspicious checkpoint folder.", file=sys.stderr)
+        return 2
+    except USER_ERRORS as exc:
         if os.environ.get("QLORAGA_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted{f' ({exc})' if str(exc) else ''}: rerun the same command with --resume to "
+              "continue from the last checkpoint", file=sys.stderr)
         return 130
     return 0
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, field
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -13,10 +15,47 @@ INITS = ("lora-ga", "lora")
 ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+class ConfigError(ValueError):
+    """A setting the user can fix; the message names the setting (or file and line) and the fix."""
+
+
 def check_choice(name: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
-    """Raise a ValueError that names the valid choices."""
+    """Raise a ConfigError (a ValueError) that names the valid choices."""
     if value not in valid:
-        raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(map(repr, valid))}.")
+        raise ConfigError(f"Unknown {name} {value!r}: choose one of {', '.join(map(repr, valid))}.")
+
+
+def fits(option: Any, value: Any) -> bool:
+    """Whether `value` (from YAML or flags) is acceptable for the type `option`."""
+    if option is bool or isinstance(value, bool):
+        return option is bool and isinstance(value, bool)
+    if option is float:
+        return isinstance(value, (int, float))
+    if option in (int, str):
+        return isinstance(value, option)
+    if get_origin(option) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(option, type) and isinstance(value, option)
+
+
+def typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Check `values` against the field types of dataclass `cls`: a YAML typo gives a ConfigError, not a
+    TypeError from deep inside. Ints are accepted where floats are expected."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{cls.__name__} settings must be a mapping, got {values!r}.")
+    hints = get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"Unknown setting(s) {unknown} for {cls.__name__}: valid ones are {sorted(hints)}.")
+    out = {}
+    for name, value in values.items():
+        hint = hints[name]
+        options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+        if not (value is None and type(None) in options) and not any(fits(o, value) for o in options):
+            wanted = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+            raise ConfigError(f"Setting {name!r} must be {wanted}, got {value!r}.")
+        out[name] = float(value) if hint is float else value
+    return out
 
 
 @dataclass
@@ -57,17 +96,17 @@ class QLoraGAConfig:
         check_choice("scale", self.scale, SCALES)
         check_choice("adapter_dtype", self.adapter_dtype, list(ADAPTER_DTYPES))
         if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}: use e.g. r=8.")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}: use e.g. 2*r.")
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}: use e.g. r=8.")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}: use e.g. 2*r.")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.stable_gamma <= 0:
-            raise ValueError(f"stable_gamma must be positive, got {self.stable_gamma!r}.")
-        if self.init_memory_gb <= 0:
-            raise ValueError(f"init_memory_gb must be positive, got {self.init_memory_gb!r}.")
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if not self.stable_gamma > 0:
+            raise ConfigError(f"stable_gamma must be positive, got {self.stable_gamma!r}.")
+        if not self.init_memory_gb > 0:
+            raise ConfigError(f"init_memory_gb must be positive, got {self.init_memory_gb!r}.")
         if self.chunk_blocks is not None and self.chunk_blocks < 1:
-            raise ValueError(f"chunk_blocks must be at least 1 (or None to plan from init_memory_gb), "
+            raise ConfigError(f"chunk_blocks must be at least 1 (or None to plan from init_memory_gb), "
                              f"got {self.chunk_blocks!r}.")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
@@ -78,12 +117,8 @@ class QLoraGAConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QLoraGAConfig:
-        """Build from a mapping, refusing keys this config does not have (a typo must not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown LoRA-GA setting(s) {unknown}: valid ones are {sorted(known)}.")
-        return cls(**values).validate()
+        """Build from a mapping, refusing unknown keys and wrong types (a typo must not pass silently)."""
+        return cls(**typed(cls, values)).validate()
 
 
 @dataclass
@@ -130,14 +165,18 @@ class RunConfig:
     def validate(self) -> RunConfig:
         check_choice("init", self.init, INITS)
         if self.ga_batches < 1:
-            raise ValueError(f"--ga-batches must be at least 1, got {self.ga_batches}.")
+            raise ConfigError(f"--ga-batches must be at least 1, got {self.ga_batches}.")
         for name in ("batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}.")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError("Give a positive --max-steps or --epochs.")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be positive, got {self.lr}.")
+        if self.max_steps <= 0 and not 0 < self.epochs < math.inf:
+            raise ConfigError("Give a positive --max-steps or --epochs.")
+        if not 0 < self.eval_split < 1:
+            raise ConfigError(f"--eval-split must be between 0 and 1, got {self.eval_split}.")
+        if self.eval_samples < 0:
+            raise ConfigError(f"--eval-samples must be 0 or more, got {self.eval_samples}.")
         self.lora_ga.validate()
         return self
 
@@ -148,16 +187,17 @@ class RunConfig:
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Build from a (merged) mapping; unknown keys are an error that lists the valid ones."""
         values = dict(values)
-        lora_ga = QLoraGAConfig.from_dict(values.pop("lora_ga", None) or {})
-        known = {f.name for f in fields(cls)} - {"lora_ga"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown setting(s) {unknown}: valid ones are {sorted(known | {'lora_ga'})}.")
-        return cls(**values, lora_ga=lora_ga).validate()
+        section = values.pop("lora_ga", None) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"Setting 'lora_ga' must be a mapping of LoRA-GA settings, got {section!r}.")
+        return cls(**typed(cls, values), lora_ga=QLoraGAConfig.from_dict(section)).validate()
 
 
 def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` over `base`, one level deep for the `lora_ga` section."""
+    sections = [base.get("lora_ga") or {}, override.get("lora_ga") or {}]
+    if not all(isinstance(s, dict) for s in sections):
+        raise ConfigError(f"Setting 'lora_ga' must be a mapping of LoRA-GA settings, got {sections[1]!r}.")
     merged = {**base, **{k: v for k, v in override.items() if k != "lora_ga"}}
-    merged["lora_ga"] = {**(base.get("lora_ga") or {}), **(override.get("lora_ga") or {})}
+    merged["lora_ga"] = {**sections[0], **sections[1]}
     return merged

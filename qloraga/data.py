@@ -110,14 +110,19 @@ REQUIRED = {"alpaca": ("instruction", "output"), "prompt-completion": ("prompt",
 
 
 def check_record(record: dict[str, Any], fmt: str, index: int) -> None:
-    missing = [k for k in REQUIRED[fmt] if not isinstance(record.get(k), (str, list)) or record.get(k) is None]
+    """Raise a DataError naming the record when it lacks what its format needs."""
+    wanted = list if fmt == "messages" else str
+    missing = [k for k in REQUIRED[fmt] if not isinstance(record.get(k), wanted)]
+    if fmt == "alpaca" and not isinstance(record.get("input") or "", str):
+        missing.append("input")
     if missing:
-        raise DataError(f"Record {index + 1} lacks {missing} (as text), which the {fmt!r} format needs; it has "
-                        f"{sorted(record)}.")
+        raise DataError(f"Record {index + 1} lacks {missing} (as {'a list' if wanted is list else 'text'}), which "
+                        f"the {fmt!r} format needs; it has {sorted(map(str, record))}.")
     if fmt == "messages":
         for turn in record["messages"]:
-            if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
-                raise DataError(f"Record {index + 1}: every message needs a 'role' and a text 'content'.")
+            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)
+                    and isinstance(turn.get("content"), str)):
+                raise DataError(f"Record {index + 1}: every message needs a text 'role' and a text 'content'.")
 
 
 def render(record: dict[str, Any], fmt: str, tokenizer) -> list[tuple[str, bool]]:

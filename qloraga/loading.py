@@ -16,6 +16,7 @@ import torch
 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
@@ -30,6 +31,17 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfi
 
 def default_device_map() -> str | dict[str, int]:
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+
+
+def check_4bit_support(device: str | None = None) -> None:
+    """Quantize a tiny tensor with NF4 on the target device; say why 4-bit cannot run if it fails."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        bnb.functional.quantize_4bit(torch.ones(64, 64, dtype=torch.bfloat16, device=device), quant_type="nf4")
+    except Exception as exc:  # bitsandbytes fails in many ways on an unsupported platform
+        raise ValueError(f"4-bit loading needs bitsandbytes' NF4 kernels on {device}, which fail here "
+                         f"({type(exc).__name__}: {exc}). Install a bitsandbytes build for this platform "
+                         "(pip install 'bitsandbytes>=0.46'), or drop --4bit to train on a bf16 base.") from exc
 
 
 def looks_like_path(name_or_path: str) -> bool:
@@ -60,6 +72,11 @@ def load_model(
             raise ValueError(f"{name!r} has no config.json: it is not a transformers model folder.")
         name = str(path)
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ValueError(f"{name!r} is a {config.model_type!r} model, not a causal language model: qloraga "
+                         "fine-tunes decoder-only LMs (those AutoModelForCausalLM loads).")
+    if load_in_4bit:
+        check_4bit_support()
     quant = nf4_config(dtype) if load_in_4bit else None
     model = AutoModelForCausalLM.from_pretrained(
         name,

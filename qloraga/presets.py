@@ -7,16 +7,12 @@ from typing import Any
 
 import yaml
 
-from qloraga.config import merge_settings
+from qloraga.config import ConfigError, merge_settings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # transformers' model_type -> preset name, where they differ.
 MODEL_TYPE_PRESETS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma": "gemma",
                       "gemma2": "gemma", "phi3": "phi3"}
-
-
-class ConfigError(ValueError):
-    """A preset or config file problem; the message names the file (and line) and the fix."""
 
 
 def available_presets() -> list[str]:

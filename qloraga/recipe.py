@@ -27,7 +27,7 @@ from qloraga.export import export_adapter
 from qloraga.io import save_json
 from qloraga.loading import load_model
 from qloraga.memory import memory_kind, peak_memory_gb
-from qloraga.training import build_trainer, last_checkpoint, plot_loss
+from qloraga.training import GracefulInterrupt, StopOnNonFiniteLoss, build_trainer, last_checkpoint, plot_loss
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_MODEL = DEMO_DIR / "model"
@@ -138,10 +138,12 @@ def finetune(cfg: RunConfig) -> Path:
     if cfg.resume:
         say(f"resuming from {resume_from}" if resume_from else "no checkpoint yet: training from the start")
     trainer.train(resume_from_checkpoint=resume_from)
-    stop = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "StopOnNonFiniteLoss")
-    if stop.bad_step is not None:
-        raise FloatingPointError(f"The training loss became NaN/inf at step {stop.bad_step}; training stopped. The "
+    nan_guard = trainer.pop_callback(StopOnNonFiniteLoss)
+    if nan_guard.bad_step is not None:
+        raise FloatingPointError(f"The weights became NaN/inf at step {nan_guard.bad_step}; training stopped. The "
                                  f"last good checkpoint is {last_checkpoint(out)}: lower --lr and --resume.")
+    if trainer.pop_callback(GracefulInterrupt).requested:
+        raise KeyboardInterrupt(f"checkpoint written to {last_checkpoint(out)}")
 
     # Results and exports.
     after = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
+import threading
 from pathlib import Path
 
 import datasets
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from qloraga.config import RunConfig
 from qloraga.data import Collator, Example
+
+
+def parse_line(line: str) -> dict | None:
+    """A metrics record, or None for a blank line or one cut short by a crash."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class MetricsLog(TrainerCallback):
@@ -25,7 +35,7 @@ class MetricsLog(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.path.exists() and state.is_world_process_zero:
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+                    if (record := parse_line(line)) is not None and record.get("step", 0) <= state.global_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -35,17 +45,46 @@ class MetricsLog(TrainerCallback):
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Stops training at the first NaN/inf loss, so the last good checkpoint stays the newest one."""
+    """Checks the trainable weights after every optimizer step; at the first NaN/inf it stops training
+    without saving, so the newest checkpoint is the last good one."""
 
     def __init__(self):
         self.bad_step: int | None = None
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not torch.isfinite(torch.tensor(float(loss))):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        trainable = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        if any(not torch.isfinite(p).all() for p in trainable):
             self.bad_step = state.global_step
             control.should_training_stop = True
             control.should_save = False
+
+
+class GracefulInterrupt(TrainerCallback):
+    """First Ctrl-C: finish the current step, write a checkpoint, stop. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[qloraga] Ctrl-C: saving a checkpoint after this step (press again to stop at once)", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def resolve_optim(name: str) -> str:
@@ -66,6 +105,7 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path) -> TrainingArgument
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
@@ -91,14 +131,25 @@ def build_trainer(model: nn.Module, examples: list[Example], collator: Collator,
         args=training_arguments(cfg, out_dir / "checkpoints"),
         train_dataset=train_set,
         data_collator=collator,
-        callbacks=[MetricsLog(out_dir / "metrics.jsonl"), StopOnNonFiniteLoss()],
+        callbacks=[MetricsLog(out_dir / "metrics.jsonl"), StopOnNonFiniteLoss(), GracefulInterrupt()],
     )
     return trainer
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_checkpoint(out_dir: Path) -> str | None:
-    checkpoints = out_dir / "checkpoints"
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    """The newest complete checkpoint of a run (a SIGKILL during a save leaves an incomplete one)."""
+    folder = out_dir / "checkpoints"
+    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete(p)]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> bool:
@@ -110,7 +161,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for line in metrics_path.read_text().splitlines() if (r := parse_line(line)) is not None]
     points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     if not points:
         return False

@@ -105,6 +105,13 @@ def detect_format(record: dict[str, Any]) -> str:
                     f"(one of {', '.join(FORMATS[1:])}) and records with the fields it needs.")
 
 
+def resolve_format(records: Sequence[dict[str, Any]], fmt: str) -> str:
+    """The format of the whole dataset: as given, or detected from its first record."""
+    if fmt not in FORMATS:
+        raise DataError(f"Unknown dataset format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    return detect_format(records[0]) if fmt == "auto" and records else fmt
+
+
 REQUIRED = {"alpaca": ("instruction", "output"), "prompt-completion": ("prompt", "completion"),
             "messages": ("messages",), "text": ("text",)}
 
@@ -194,8 +201,8 @@ def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer, seq_len: in
                                                                                            TokenizeReport]:
     """Token ids with labels on response tokens only (IGNORE elsewhere); an EOS closes each example."""
     examples, truncated, masked = [], 0, 0
+    record_fmt = resolve_format(records, fmt)
     for index, record in enumerate(records):
-        record_fmt = detect_format(record) if fmt == "auto" else fmt
         check_record(record, record_fmt, index)
         ids: list[int] = []
         labels: list[int] = []

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qloraga.data import IGNORE, Collator, Example, detect_format, prompt_and_answer, uses_bos
+from qloraga.data import IGNORE, Collator, Example, prompt_and_answer, resolve_format, uses_bos
 from qloraga.estimate import model_device
 
 
@@ -43,8 +43,8 @@ def exact_match(model: nn.Module, tokenizer, records: Sequence[dict[str, Any]], 
                 max_samples: int = 200, batch_size: int = 16, progress: bool = True) -> float | None:
     """Share of records whose greedy answer, stripped, equals the expected answer; None for raw text."""
     pairs = []
+    record_fmt = resolve_format(records, fmt)
     for record in records[:max_samples]:
-        record_fmt = fmt if fmt != "auto" else detect_format(record)
         pair = prompt_and_answer(record, record_fmt, tokenizer)
         if pair is not None:
             pairs.append((encode_prompt(tokenizer, pair[0], record_fmt), pair[1].strip()))

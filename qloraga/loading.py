@@ -15,7 +15,13 @@ import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
@@ -48,6 +54,30 @@ def looks_like_path(name_or_path: str) -> bool:
     return os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
 
 
+def model_source(name_or_path: str | os.PathLike) -> str:
+    """A hub name as it is, or a local model folder checked to exist and to hold a config.json."""
+    name = str(name_or_path)
+    if not looks_like_path(name):
+        return name
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Model path {name!r} does not exist: give a folder made by save_pretrained "
+                                "(with config.json) or a hub name.")
+    if not (path / "config.json").exists():
+        raise ValueError(f"{name!r} has no config.json: it is not a transformers model folder.")
+    return str(path)
+
+
+def causal_lm_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config, checked to describe a causal LM (cheap: no weights are read)."""
+    name = model_source(name_or_path)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ValueError(f"{name!r} is a {config.model_type!r} model, not a causal language model: qloraga "
+                         "fine-tunes decoder-only LMs (those AutoModelForCausalLM loads).")
+    return config
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     load_in_4bit: bool = True,
@@ -62,19 +92,8 @@ def load_model(
     The bf16 model is never materialised in full on the accelerator: transformers quantizes
     tensor by tensor while loading.
     """
-    name = str(name_or_path)
-    if looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"Model path {name!r} does not exist: give a folder made by "
-                                    f"save_pretrained (with config.json) or a hub name.")
-        if not (path / "config.json").exists():
-            raise ValueError(f"{name!r} has no config.json: it is not a transformers model folder.")
-        name = str(path)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise ValueError(f"{name!r} is a {config.model_type!r} model, not a causal language model: qloraga "
-                         "fine-tunes decoder-only LMs (those AutoModelForCausalLM loads).")
+    name = model_source(name_or_path)
+    config = causal_lm_config(name, trust_remote_code)
     if load_in_4bit:
         check_4bit_support()
     quant = nf4_config(dtype) if load_in_4bit else None

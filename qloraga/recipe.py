@@ -25,7 +25,7 @@ from qloraga.data import (
 from qloraga.evaluation import exact_match, held_out_loss
 from qloraga.export import export_adapter
 from qloraga.io import save_json
-from qloraga.loading import load_model
+from qloraga.loading import causal_lm_config, load_model, model_source
 from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.training import GracefulInterrupt, StopOnNonFiniteLoss, build_trainer, last_checkpoint, plot_loss
 
@@ -99,7 +99,8 @@ def finetune(cfg: RunConfig) -> Path:
     start = time.perf_counter()
 
     # Data.
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    causal_lm_config(cfg.model, cfg.trust_remote_code)  # a wrong model fails here, before any work
+    tokenizer = AutoTokenizer.from_pretrained(model_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
     for fix in prepare_tokenizer(tokenizer, cfg.chat_template):
         say(f"note: {fix}")
     records = read_records(cfg.dataset)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 FORMATS = ("auto", "alpaca", "messages", "prompt-completion", "text")
 IGNORE = -100
@@ -149,13 +150,22 @@ def render(record: dict[str, Any], fmt: str, tokenizer) -> list[tuple[str, bool]
 def render_messages(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
     """Chat turns through the chat template; each assistant turn is the difference between the rendering
     up to it (with the generation prompt) and the rendering including it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("The 'messages' format needs a chat template and the tokenizer has none: set "
+                        "chat_template in the config (or call qloraga.data.prepare_tokenizer).")
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if i == 0:
+            raise DataError("A conversation starts with an assistant message: put the user (or system) message it "
+                            "answers before it.")
+        try:
+            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        except TemplateError as exc:
+            raise DataError(f"The chat template failed on a conversation: {exc}.") from exc
         if not prefix.startswith(done) or not full.startswith(prefix):
             raise DataError("The chat template does not render conversations incrementally; use a template "
                             "where each turn appends to the previous ones.")

@@ -12,6 +12,7 @@ import torch
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weight_svd")
 INITS = ("lora-ga", "lora")
+QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -136,6 +137,7 @@ class RunConfig:
     dataset_format: str = "auto"
     output_dir: str | None = None
     load_in_4bit: bool = False
+    quant_storage: str = "uint8"  # bfloat16 under FSDP (configs/accelerate/fsdp_qlora.yaml)
     init: str = "lora-ga"
     ga_batches: int = 8
     max_steps: int = -1
@@ -164,6 +166,7 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         check_choice("init", self.init, INITS)
+        check_choice("quant_storage", self.quant_storage, list(QUANT_STORAGE))
         if self.ga_batches < 1:
             raise ConfigError(f"--ga-batches must be at least 1, got {self.ga_batches}.")
         for name in ("batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):

@@ -18,9 +18,14 @@ def top_singular_vectors(
     g = grad.float()
     if svd_niter is None:
         u, _, vt = torch.linalg.svd(g, full_matrices=False)
-        return u[:, :k], vt[:k]
-    u, _, v = torch.svd_lowrank(g, q=min(2 * k, min(g.shape)), niter=svd_niter)
-    return u[:, :k], v[:, :k].T
+        u, vt = u[:, :k], vt[:k]
+    else:
+        u, _, v = torch.svd_lowrank(g, q=min(2 * k, min(g.shape)), niter=svd_niter)
+        u, vt = u[:, :k], v[:, :k].T
+    # Fix the arbitrary sign of each singular pair (largest |entry| of u positive), so that a gradient
+    # summed in another order (another chunking, several processes) gives the same factors.
+    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
+    return u * signs, vt * signs.T
 
 
 def lora_ga_factors(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qloraga import distributed
 from qloraga.cache import FactorCache, fingerprint
 from qloraga.config import QLoraGAConfig
 from qloraga.estimate import accumulate_chunk, plan_chunks, split_chunk
@@ -72,6 +73,21 @@ def factorise_layer(name: str, grad: torch.Tensor, layer: nn.Linear, config: QLo
     )
 
 
+def factorise_chunk(names: list[str], grads: dict[str, torch.Tensor], targets: dict[str, nn.Linear],
+                    config: QLoraGAConfig, zero_grad_layers: list[str]) -> Factors:
+    """Factors of one chunk, computed on rank 0 and shared, so every rank holds the same bits."""
+    chunk: Factors = {}
+    for name in names:
+        grad = grads.pop(name)
+        if distributed.is_main():
+            chunk[name] = factorise_layer(name, grad, targets[name], config, zero_grad_layers)
+        else:
+            chunk[name] = (grad.new_empty(config.r, grad.shape[1]), grad.new_empty(grad.shape[0], config.r))
+        del grad
+    distributed.broadcast_([t for name in names for t in chunk[name]])
+    return chunk
+
+
 def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
                  config: QLoraGAConfig) -> tuple[Factors, InitReport]:
     """`{layer name: (A0, B0)}` (fp32) for every target, and a report of the work done."""
@@ -84,7 +100,8 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
     todo = {n: m for n, m in targets.items() if n not in factors}
     pending = deque(plan_chunks(model, todo, init_memory_gb=config.init_memory_gb,
                                 chunk_blocks=config.chunk_blocks) if todo else [])
-    n_batches = len(batches) if isinstance(batches, Sized) else None
+    local = distributed.shard(batches)
+    n_batches = len(local) if isinstance(local, Sized) else None
     zero_grad_layers: list[str] = []
     done = 0
     with tqdm(total=n_batches * len(pending) if n_batches else None, desc="LoRA-GA gradient", unit="batch",
@@ -93,7 +110,8 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
             names = pending.popleft()
             bar.set_postfix_str(f"chunk {done + 1}/{done + 1 + len(pending)}")
             try:
-                grads = accumulate_chunk(model, {n: todo[n] for n in names}, batches, bar)
+                grads = accumulate_chunk(model, {n: todo[n] for n in names}, local, bar)
+                grads = distributed.global_mean_(grads, n_batches or 0)
             except torch.OutOfMemoryError:
                 halves = split_chunk(model, names)
                 if halves is None:
@@ -106,9 +124,8 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
                 if bar.total is not None:
                     bar.total += n_batches
                 continue
-            chunk = {name: factorise_layer(name, grads.pop(name), targets[name], config, zero_grad_layers)
-                     for name in names}
-            if cache:
+            chunk = factorise_chunk(names, grads, targets, config, zero_grad_layers)
+            if cache and distributed.is_main():
                 cache.save(chunk)
             factors.update(chunk)
             done += 1

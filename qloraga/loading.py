@@ -25,18 +25,22 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
-def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
-    """NF4 with double quantization and bf16 compute: the QLoRA recipe."""
+def nf4_config(compute_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype = torch.uint8
+               ) -> BitsAndBytesConfig:
+    """NF4 with double quantization and bf16 compute: the QLoRA recipe. FSDP needs `quant_storage` equal
+    to the compute dtype, so that it can flatten 4-bit weights together with the others."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
 def default_device_map() -> str | dict[str, int]:
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    """The whole model on this process's GPU (LOCAL_RANK under torchrun), else on the CPU."""
+    return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
 
 
 def check_4bit_support(device: str | None = None) -> None:
@@ -85,6 +89,7 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
     **kwargs,
 ) -> PreTrainedModel:
     """Load a causal LM from a local path or a hub name, NF4 4-bit by default, bf16 otherwise.
@@ -96,13 +101,15 @@ def load_model(
     config = causal_lm_config(name, trust_remote_code)
     if load_in_4bit:
         check_4bit_support()
-    quant = nf4_config(dtype) if load_in_4bit else None
+    quant = nf4_config(dtype, quant_storage) if load_in_4bit else None
+    if device_map is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        device_map = default_device_map()  # under FSDP, accelerate places the shards itself
     model = AutoModelForCausalLM.from_pretrained(
         name,
         config=config,
         quantization_config=quant,
         dtype=dtype,
-        device_map=device_map if device_map is not None else default_device_map(),
+        device_map=device_map,
         trust_remote_code=trust_remote_code,
         **kwargs,
     )

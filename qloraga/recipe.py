@@ -9,10 +9,12 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from accelerate import PartialState
 from transformers import AutoTokenizer, set_seed
 
+from qloraga import distributed
 from qloraga.adapters import get_lora_model, get_qloraga_model
-from qloraga.config import RunConfig
+from qloraga.config import QUANT_STORAGE, RunConfig
 from qloraga.data import (
     Collator,
     gradient_batches,
@@ -36,7 +38,8 @@ DEMO_EVAL = DEMO_DIR / "data" / "eval.jsonl"
 
 
 def say(message: str) -> None:
-    print(f"[qloraga] {message}", flush=True)
+    if distributed.is_main():
+        print(f"[qloraga] {message}", flush=True)
 
 
 def resolve_demo(cfg: RunConfig) -> RunConfig:
@@ -92,9 +95,13 @@ def describe(metrics: dict[str, float | None]) -> str:
 def finetune(cfg: RunConfig) -> Path:
     """Run one fine-tuning job and return its output folder."""
     cfg = resolve_demo(cfg.validate())
-    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
-    prepare_output_dir(out, cfg)
-    write_config(cfg, out)
+    PartialState()  # joins the process group under torchrun / accelerate launch; nothing in one process
+    main = distributed.is_main()  # only rank 0 writes files, logs and evaluates
+    out = Path(distributed.broadcast_object(str(cfg.output_dir or default_output_dir(cfg))))
+    if main:
+        prepare_output_dir(out, cfg)
+        write_config(cfg, out)
+    distributed.barrier()
     set_seed(cfg.seed)
     start = time.perf_counter()
 
@@ -118,14 +125,17 @@ def finetune(cfg: RunConfig) -> Path:
     collator = Collator(tokenizer.pad_token_id)
 
     # Model, and where it starts.
-    model = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
+                       quant_storage=QUANT_STORAGE[cfg.quant_storage])
     say(f"model: {cfg.model} ({'4-bit NF4' if cfg.load_in_4bit else 'bf16'})")
-    before = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
-    say(f"before fine-tuning: {describe(before)}")
+    if main:
+        before = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
+        say(f"before fine-tuning: {describe(before)}")
 
     # Adapters: LoRA-GA (gradient estimated on the first training batches) or plain LoRA.
     if cfg.init == "lora-ga":
-        lora_ga = dataclasses.replace(cfg.lora_ga, cache_dir=cfg.lora_ga.cache_dir or str(out / "lora_ga_cache"))
+        lora_ga = dataclasses.replace(cfg.lora_ga, cache_dir=cfg.lora_ga.cache_dir or str(out / "lora_ga_cache"),
+                                      progress=cfg.lora_ga.progress and main)
         batches = gradient_batches(train_examples, cfg.ga_batches, cfg.batch_size, collator)
         model = get_qloraga_model(model, lora_ga, batches)
         say(model.qloraga_report.summary())
@@ -147,6 +157,8 @@ def finetune(cfg: RunConfig) -> Path:
         raise KeyboardInterrupt(f"checkpoint written to {last_checkpoint(out)}")
 
     # Results and exports.
+    if not main:
+        return out
     after = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
     say(f"after fine-tuning: {describe(after)}")
     export_adapter(model, out / "adapter", tokenizer=tokenizer)

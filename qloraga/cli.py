@@ -14,7 +14,8 @@ from qloraga.presets import available_presets, detect_preset, load_preset, load_
 # What a user can cause and fix: reported as one paragraph, no traceback (QLORAGA_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, MemoryError)
 # flag dest -> key in the lora_ga section
-LORA_GA_FLAGS = {"rank": "r", "alpha": "lora_alpha", "init_memory_gb": "init_memory_gb", "direction": "direction"}
+LORA_GA_FLAGS = {"rank": "r", "alpha": "lora_alpha", "init_memory_gb": "init_memory_gb", "direction": "direction",
+                 "estimator": "estimator", "power_iters": "power_iters", "oversample": "oversample"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,6 +42,10 @@ def parser() -> argparse.ArgumentParser:
     add("--alpha", type=float, help="LoRA alpha (scaling alpha/r)")
     add("--direction", help="LoRA-GA direction: ArB2r, A2rBr, ArBr or random")
     add("--init", choices=["lora-ga", "lora"], help="adapter initialisation (lora: plain B=0, for comparison)")
+    add("--estimator", choices=["exact", "sketch"],
+        help="gradient estimator: exact (chunked fp32 G) or sketch (one streaming pass, QLoRA-step memory)")
+    add("--power-iters", type=int, help="sketch estimator: extra passes over the gradient batches")
+    add("--oversample", type=int, help="sketch estimator: sketch width beyond 2r")
     add("--ga-batches", type=int, help="training batches used to estimate the gradient for LoRA-GA")
     add("--init-memory-gb", type=float, help="memory budget of the gradient accumulators of one chunk")
     add("--max-steps", type=int, help="optimizer steps (overrides --epochs when > 0)")

@@ -11,6 +11,7 @@ import torch
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weight_svd")
+ESTIMATORS = ("exact", "sketch")
 INITS = ("lora-ga", "lora")
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -80,6 +81,9 @@ class QLoraGAConfig:
     chunk_blocks: int | None = None
     seed: int = 0
     svd_niter: int | None = None  # None: exact SVD; an int: torch.svd_lowrank with that many iterations
+    estimator: str = "exact"  # or "sketch": one-pass streaming sketch of all layers (qloraga/sketch.py)
+    oversample: int = 8  # sketch width beyond 2r
+    power_iters: int = 1  # extra sketch passes
     adapter_dtype: str = "bfloat16"
     cache_dir: str | None = None  # where finished chunks' factors are kept across interruptions
     progress: bool = True
@@ -96,6 +100,10 @@ class QLoraGAConfig:
         check_choice("direction", self.direction, DIRECTIONS)
         check_choice("scale", self.scale, SCALES)
         check_choice("adapter_dtype", self.adapter_dtype, list(ADAPTER_DTYPES))
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        if self.oversample < 0 or self.power_iters < 0:
+            raise ConfigError(f"oversample and power_iters must be 0 or more, got {self.oversample} and "
+                              f"{self.power_iters}.")
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}: use e.g. r=8.")
         if not self.lora_alpha > 0:

@@ -9,7 +9,7 @@ backward pass stops at the chunk's first target layer (its input is made a leaf)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -93,31 +93,35 @@ def model_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def accumulate_chunk(
+PairHook = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def backward_pass(
     model: nn.Module,
     layers: dict[str, nn.Linear],
     batches: Iterable[dict[str, torch.Tensor]],
+    on_pair: PairHook,
     progress: tqdm | None = None,
-) -> dict[str, torch.Tensor]:
-    """Mean over batches of dL/dW (fp32, out x in) for `layers`, where L is each batch's mean loss."""
+) -> int:
+    """One forward and backward pass per batch; `on_pair(name, x, delta)` receives each target layer's
+    input `x` and output gradient `delta = dL/dy` (both flattened to tokens x features, fp32).
+
+    Returns the number of batches. The first target of `layers` sees an input that needs no grad and
+    makes it a leaf: the backward pass stops there.
+    """
     device = model_device(model)
-    accum = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=m.weight.device)
-             for n, m in layers.items()}
 
     def make_leaf(module: nn.Module, args: tuple) -> tuple | None:
-        # The first target of the chunk sees an input that needs no grad: backward stops here.
         if not args[0].requires_grad:
             return (args[0].detach().requires_grad_(True), *args[1:])
         return None
 
     def make_hook(name: str):
-        acc = accum[name]
-
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0].detach()
 
             def on_grad(delta: torch.Tensor) -> None:
-                acc.addmm_(delta.reshape(-1, delta.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
+                on_pair(name, x.reshape(-1, x.shape[-1]).float(), delta.reshape(-1, delta.shape[-1]).float())
 
             output.register_hook(on_grad)
 
@@ -146,6 +150,23 @@ def accumulate_chunk(
     if n_batches == 0:
         raise ValueError("The gradient batches are empty: pass at least one batch (a dict with input_ids, "
                          "attention_mask and labels).")
+    return n_batches
+
+
+def accumulate_chunk(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: Iterable[dict[str, torch.Tensor]],
+    progress: tqdm | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean over batches of dL/dW = sum_t delta_t x_t^T (fp32, out x in), L being each batch's mean loss."""
+    accum = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=m.weight.device)
+             for n, m in layers.items()}
+
+    def add(name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        accum[name].addmm_(delta.T, x)
+
+    n_batches = backward_pass(model, layers, batches, add, progress)
     for acc in accum.values():
         acc /= n_batches
     return accum

@@ -22,9 +22,14 @@ def top_singular_vectors(
     else:
         u, _, v = torch.svd_lowrank(g, q=min(2 * k, min(g.shape)), niter=svd_niter)
         u, vt = u[:, :k], v[:, :k].T
-    # Fix the arbitrary sign of each singular pair (largest |entry| of u positive), so that a gradient
-    # summed in another order (another chunking, several processes) gives the same factors.
+    return fix_signs(u, vt)
+
+
+def fix_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fix the arbitrary sign of each singular pair (largest |entry| of u positive), so that a gradient
+    summed in another order (another chunking, several processes, a sketch) gives the same factors."""
     signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
+    signs[signs == 0] = 1
     return u * signs, vt * signs.T
 
 
@@ -45,20 +50,41 @@ def lora_ga_factors(
     `grad` is dL/dW (out x in); `scaling` is lora_alpha / r; `weight` (the layer's weight) is needed
     only for `scale="weight_svd"`; `generator` seeds `direction="random"`.
     """
-    check_choice("direction", direction, DIRECTIONS)
-    check_choice("scale", scale, SCALES)
     if grad.dim() != 2:
         raise ValueError(f"grad must be a matrix (out x in), got shape {tuple(grad.shape)}.")
-    out_features, in_features = grad.shape
+    check_rank(r, *grad.shape)
+    u, vt = top_singular_vectors(grad, 2 * r, svd_niter)
+    return factors_from_singular_vectors(u, vt, r, direction=direction, scale=scale, stable_gamma=stable_gamma,
+                                         scaling=scaling, weight=weight, generator=generator)
+
+
+def check_rank(r: int, out_features: int, in_features: int) -> None:
     if r < 1 or 2 * r > min(out_features, in_features):
         raise ValueError(
             f"r={r} needs 2r <= min(out, in) = {min(out_features, in_features)} for a "
             f"{out_features}x{in_features} layer: use r <= {min(out_features, in_features) // 2}."
         )
+
+
+def factors_from_singular_vectors(
+    u: torch.Tensor,
+    vt: torch.Tensor,
+    r: int,
+    *,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16.0,
+    scaling: float = 1.0,
+    weight: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-GA factors from the top `2r` singular vectors of the gradient (`u`: out x 2r, `vt`: 2r x in),
+    however they were found (exact SVD here, a streaming sketch in `sketch.py`)."""
+    check_choice("direction", direction, DIRECTIONS)
+    check_choice("scale", scale, SCALES)
     if scale == "weight_svd" and weight is None:
         raise ValueError("scale='weight_svd' needs the layer's weight: pass weight=W.")
-
-    u, vt = top_singular_vectors(grad, 2 * r, svd_niter)
+    out_features = u.shape[0]
     if direction == "ArB2r":
         b_idx, a_idx = torch.arange(r, 2 * r), torch.arange(0, r)
     elif direction == "A2rBr":

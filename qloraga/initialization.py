@@ -19,9 +19,10 @@ from qloraga import distributed
 from qloraga.cache import FactorCache, fingerprint
 from qloraga.config import QLoraGAConfig
 from qloraga.estimate import accumulate_chunk, plan_chunks, split_chunk
-from qloraga.factors import lora_ga_factors
+from qloraga.factors import factors_from_singular_vectors, top_singular_vectors
 from qloraga.loading import dequantized_weight
 from qloraga.memory import memory_kind, peak_memory_gb, reset_peak
+from qloraga.sketch import sketched_singular_vectors
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -31,16 +32,18 @@ class InitReport:
     """What the initialisation did, for the user's summary line."""
 
     layers: int
-    chunks: int
+    chunks: int  # passes over the gradient batches: one per chunk (exact), 1 + power_iters (sketch)
     cached_layers: int
     zero_grad_layers: list[str]
     seconds: float
     peak_memory_gb: float
     memory_kind: str
+    estimator: str = "exact"
 
     def summary(self) -> str:
-        return (f"LoRA-GA init: {self.layers} layers in {self.chunks} chunk(s) "
-                f"({self.cached_layers} from cache), {self.seconds:.1f} s, "
+        work = (f"{self.chunks} chunk(s) ({self.cached_layers} from cache)" if self.estimator == "exact"
+                else f"{self.chunks} sketch pass(es)")
+        return (f"LoRA-GA init: {self.layers} layers, {work}, {self.seconds:.1f} s, "
                 f"peak memory {self.peak_memory_gb:.2f} GiB ({self.memory_kind})")
 
 
@@ -56,36 +59,92 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def factorise_layer(name: str, grad: torch.Tensor, layer: nn.Linear, config: QLoraGAConfig,
-                    zero_grad_layers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    if not torch.isfinite(grad).all():
+def factorise_layer(name: str, layer: nn.Linear, config: QLoraGAConfig, zero_grad_layers: list[str], *,
+                    grad: torch.Tensor | None = None,
+                    vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (A0, B0) from its gradient (exact estimator) or its sketched singular vectors."""
+    probe = grad if grad is not None else vectors[2]
+    if not torch.isfinite(probe).all():
         raise FloatingPointError(f"The estimated gradient of {name} holds NaN or inf: nothing was written. "
                                  "Check the data and the model (try fp32 compute or fewer tokens).")
     generator = layer_generator(config.seed, name)
-    if not grad.any():
+    if not probe.any():
         zero_grad_layers.append(name)
-        a, b = plain_lora_factors(grad.shape[0], grad.shape[1], config.r, generator)
-        return a.to(grad.device), b.to(grad.device)
-    return lora_ga_factors(
-        grad, config.r, direction=config.direction, scale=config.scale, stable_gamma=config.stable_gamma,
+        a, b = plain_lora_factors(layer.out_features, layer.in_features, config.r, generator)
+        return a.to(probe.device), b.to(probe.device)
+    u, vt = top_singular_vectors(grad, 2 * config.r, config.svd_niter) if grad is not None else vectors[:2]
+    return factors_from_singular_vectors(
+        u, vt, config.r, direction=config.direction, scale=config.scale, stable_gamma=config.stable_gamma,
         scaling=config.scaling, weight=dequantized_weight(layer) if config.scale == "weight_svd" else None,
-        svd_niter=config.svd_niter, generator=generator,
+        generator=generator,
     )
 
 
-def factorise_chunk(names: list[str], grads: dict[str, torch.Tensor], targets: dict[str, nn.Linear],
-                    config: QLoraGAConfig, zero_grad_layers: list[str]) -> Factors:
-    """Factors of one chunk, computed on rank 0 and shared, so every rank holds the same bits."""
+def shared_factors(names: list[str], targets: dict[str, nn.Linear], config: QLoraGAConfig,
+                   zero_grad_layers: list[str], inputs: dict[str, dict]) -> Factors:
+    """Factors of some layers, computed on rank 0 and broadcast, so every rank holds the same bits.
+    `inputs[name]` holds the `grad=` or `vectors=` argument of `factorise_layer`."""
     chunk: Factors = {}
     for name in names:
-        grad = grads.pop(name)
+        layer = targets[name]
         if distributed.is_main():
-            chunk[name] = factorise_layer(name, grad, targets[name], config, zero_grad_layers)
+            chunk[name] = factorise_layer(name, layer, config, zero_grad_layers, **inputs.pop(name))
         else:
-            chunk[name] = (grad.new_empty(config.r, grad.shape[1]), grad.new_empty(grad.shape[0], config.r))
-        del grad
+            inputs.pop(name)
+            device = layer.weight.device
+            chunk[name] = (torch.empty(config.r, layer.in_features, device=device),
+                           torch.empty(layer.out_features, config.r, device=device))
     distributed.broadcast_([t for name in names for t in chunk[name]])
     return chunk
+
+
+def sketch_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
+                config: QLoraGAConfig, bar: tqdm) -> tuple[Factors, list[str], int]:
+    """All layers at once with the streaming estimator: `1 + power_iters` passes, no chunks, no cache."""
+    zero_grad_layers: list[str] = []
+    vectors = sketched_singular_vectors(model, targets, batches, r=config.r, oversample=config.oversample,
+                                        power_iters=config.power_iters, seed=config.seed, progress=bar)
+    names = list(targets)
+    factors = shared_factors(names, targets, config, zero_grad_layers, {n: {"vectors": vectors.pop(n)} for n in names})
+    return factors, zero_grad_layers, 1 + config.power_iters
+
+
+def exact_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
+               config: QLoraGAConfig, bar: tqdm, cache: FactorCache | None) -> tuple[Factors, list[str], int]:
+    """Chunk by chunk: accumulate G, factorise, cache; an out-of-memory chunk is halved and retried."""
+    pending = deque(plan_chunks(model, targets, init_memory_gb=config.init_memory_gb,
+                                chunk_blocks=config.chunk_blocks))
+    n_batches = len(batches) if isinstance(batches, Sized) else None
+    if bar.total is None and n_batches:
+        bar.total = n_batches * len(pending)
+    factors: Factors = {}
+    zero_grad_layers: list[str] = []
+    done = 0
+    while pending:
+        names = pending.popleft()
+        bar.set_postfix_str(f"chunk {done + 1}/{done + 1 + len(pending)}")
+        try:
+            grads = accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar)
+            grads = distributed.global_mean_(grads, n_batches or 0)
+        except torch.OutOfMemoryError:
+            halves = split_chunk(model, names)
+            if halves is None:
+                raise MemoryError("Out of memory estimating the gradient of a single decoder block: use fewer "
+                                  "or shorter gradient batches (--ga-batches, --seq-len).") from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            tqdm.write("LoRA-GA: out of memory on a chunk; halving it and retrying", file=sys.stderr)
+            pending.extendleft(reversed(halves))
+            if bar.total is not None and n_batches:
+                bar.total += n_batches
+            continue
+        chunk = shared_factors(names, targets, config, zero_grad_layers, {n: {"grad": grads.pop(n)} for n in names})
+        if cache and distributed.is_main():
+            cache.save(chunk)
+        factors.update(chunk)
+        done += 1
+    return factors, zero_grad_layers, done
 
 
 def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
@@ -94,44 +153,24 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
     start = time.perf_counter()
     reset_peak()
     cache = FactorCache(config.cache_dir, fingerprint(model, targets, batches, config)) \
-        if config.cache_dir else None
+        if config.cache_dir and config.estimator == "exact" else None
     factors: Factors = {n: f for n, f in (cache.load() if cache else {}).items() if n in targets}
     cached = len(factors)
     todo = {n: m for n, m in targets.items() if n not in factors}
-    pending = deque(plan_chunks(model, todo, init_memory_gb=config.init_memory_gb,
-                                chunk_blocks=config.chunk_blocks) if todo else [])
     local = distributed.shard(batches)
-    n_batches = len(local) if isinstance(local, Sized) else None
+    new: Factors = {}
     zero_grad_layers: list[str] = []
-    done = 0
-    with tqdm(total=n_batches * len(pending) if n_batches else None, desc="LoRA-GA gradient", unit="batch",
-              disable=not config.progress) as bar:
-        while pending:
-            names = pending.popleft()
-            bar.set_postfix_str(f"chunk {done + 1}/{done + 1 + len(pending)}")
-            try:
-                grads = accumulate_chunk(model, {n: todo[n] for n in names}, local, bar)
-                grads = distributed.global_mean_(grads, n_batches or 0)
-            except torch.OutOfMemoryError:
-                halves = split_chunk(model, names)
-                if halves is None:
-                    raise MemoryError("Out of memory estimating the gradient of a single decoder block: use "
-                                      "fewer or shorter gradient batches (--ga-batches, --seq-len).") from None
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                tqdm.write("LoRA-GA: out of memory on a chunk; halving it and retrying", file=sys.stderr)
-                pending.extendleft(reversed(halves))
-                if bar.total is not None:
-                    bar.total += n_batches
-                continue
-            chunk = factorise_chunk(names, grads, targets, config, zero_grad_layers)
-            if cache and distributed.is_main():
-                cache.save(chunk)
-            factors.update(chunk)
-            done += 1
+    passes = 0
+    with tqdm(desc="LoRA-GA gradient", unit="batch", disable=not config.progress) as bar:
+        if todo and config.estimator == "sketch":
+            bar.total = len(local) * (1 + config.power_iters) if isinstance(local, Sized) else None
+            new, zero_grad_layers, passes = sketch_init(model, todo, local, config, bar)
+        elif todo:
+            new, zero_grad_layers, passes = exact_init(model, todo, local, config, bar, cache)
+    factors.update(new)
     if zero_grad_layers:
         warnings.warn(f"{len(zero_grad_layers)} layer(s) got a zero gradient (unused by the loss), so they "
                       f"start as plain LoRA (B=0): {zero_grad_layers[:5]}", stacklevel=2)
-    report = InitReport(len(targets), done, cached, zero_grad_layers, time.perf_counter() - start,
-                        peak_memory_gb(), memory_kind())
+    report = InitReport(len(targets), passes, cached, zero_grad_layers, time.perf_counter() - start,
+                        peak_memory_gb(), memory_kind(), config.estimator)
     return factors, report

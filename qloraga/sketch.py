@@ -1,0 +1,108 @@
+"""One-pass streaming estimator: the top singular vectors of G = sum_t delta_t x_t^T without forming G.
+
+`G` is linear in the data, so thin products with it accumulate from the (x, delta) pairs the hooks see:
+`G P += delta^T (x P)` and `G^T Q += x^T (delta Q)`, in O((out + in) k) memory per layer, for all layers
+in the same backward pass (no chunks). Pass 1 sketches both sides with Gaussian test matrices; with no
+power iteration the factors come from that single pass (Tropp et al. 2017, "Practical sketching
+algorithms for low-rank matrix approximation"); each further pass multiplies by G and G^T again with
+the orthonormalised sketches (subspace iteration), and the final estimate is `G P P^T` for the latest
+row basis P. The gradient must be deterministic across passes (dropout off, same batches).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from qloraga import distributed
+from qloraga.estimate import backward_pass
+from qloraga.factors import fix_signs
+
+
+def sketch_width(r: int, oversample: int, out_features: int, in_features: int) -> int:
+    return min(2 * r + oversample, out_features, in_features)
+
+
+def gaussian(rows: int, cols: int, seed: int, name: str, device: torch.device) -> torch.Tensor:
+    """A test matrix that is the same on every rank and in every run, for a given layer."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(rows, cols, generator=g).to(device)
+
+
+def orth(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(m).Q
+
+
+def sketch_pass(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[dict],
+                right: dict[str, torch.Tensor], left: dict[str, torch.Tensor], progress=None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One pass: mean over batches of `G @ right[name]` (out x k) and `G^T @ left[name]` (in x l)."""
+    g_right = {n: torch.zeros(m.out_features, right[n].shape[1], device=right[n].device) for n, m in layers.items()}
+    gt_left = {n: torch.zeros(m.in_features, left[n].shape[1], device=left[n].device) for n, m in layers.items()}
+
+    def add(name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        g_right[name].addmm_(delta.T, x @ right[name])
+        gt_left[name].addmm_(x.T, delta @ left[name])
+
+    n = backward_pass(model, layers, batches, add, progress)
+    for sums in (g_right, gt_left):
+        for t in sums.values():
+            t /= n
+        distributed.global_mean_(sums, n)
+        distributed.broadcast_([sums[k] for k in sorted(sums)])  # identical bits on every rank
+    return g_right, gt_left
+
+
+def top_vectors_from_sketches(
+    layers: dict[str, nn.Linear],
+    passes: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+    tests: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    k: int,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`(U[:, :k], Vt[:k], |sketch|)` per layer from the sketches of the passes made so far (the norm is 0 for
+    a layer with no gradient and NaN for a non-finite one)."""
+    out = {}
+    for name in layers:
+        y, z = passes[-1][0][name], passes[-1][1][name]
+        if len(passes) == 1:  # single pass: G ~ Q X with X solving (Psi^T Q) X = Z^T
+            q = orth(y)
+            x = torch.linalg.lstsq(tests[1][name].T @ q, z.T).solution
+            u_small, _, vt = torch.linalg.svd(x, full_matrices=False)
+            u = q @ u_small
+        else:  # G ~ (G P) P^T with P the row basis the last pass multiplied by
+            p = orth(passes[-2][1][name])
+            u, _, vt_small = torch.linalg.svd(y, full_matrices=False)
+            vt = vt_small @ p.T
+        out[name] = (*fix_signs(u[:, :k], vt[:k]), y.norm())
+    return out
+
+
+def sketched_singular_vectors(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: Iterable[dict],
+    *,
+    r: int,
+    oversample: int = 8,
+    power_iters: int = 1,
+    seed: int = 0,
+    progress=None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Top-2r singular vectors (and the sketch norm) of every layer's gradient in `1 + power_iters` passes."""
+    # Psi (the left test matrix) is twice as wide as the rank sought, k: the single-pass solve needs it
+    # wider than Omega; with power iterations Omega is as wide, so both bases keep 2k columns.
+    omega, psi = {}, {}
+    for n, m in layers.items():
+        k = sketch_width(r, oversample, m.out_features, m.in_features)
+        omega[n] = gaussian(m.in_features, min(2 * k, m.in_features) if power_iters else k, seed, n + ".omega",
+                            m.weight.device)
+        psi[n] = gaussian(m.out_features, min(2 * k, m.out_features), seed, n + ".psi", m.weight.device)
+    passes = [sketch_pass(model, layers, batches, omega, psi, progress)]
+    for _ in range(power_iters):
+        right = {n: orth(passes[-1][1][n]) for n in layers}  # row basis P from G^T Psi (then G^T Q)
+        left = {n: orth(passes[-1][0][n]) for n in layers}  # column basis Q from G Omega (then G P)
+        passes.append(sketch_pass(model, layers, batches, right, left, progress))
+    return top_vectors_from_sketches(layers, passes, (omega, psi), 2 * r)

@@ -45,24 +45,25 @@ def setup(rank: int, port: int) -> None:
                             timeout=timedelta(seconds=300))  # a hang fails the test instead of CI
 
 
-def init_worker(rank, port, model_dir, out):
+def init_worker(rank, port, model_dir, out, estimator):
     setup(rank, port)
     model = load_model(model_dir)
     factors, _ = lora_ga_init(model, find_target_layers(model), make_batches(n_batches=4),
-                              QLoraGAConfig(r=4, progress=False))
+                              QLoraGAConfig(r=4, progress=False, estimator=estimator))
     save_file({f"{n}.{i}": t for n, ab in factors.items() for i, t in enumerate(ab)}, f"{out}/rank{rank}.safetensors")
     dist.destroy_process_group()
 
 
-def test_init_is_identical_on_every_rank_and_equals_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("estimator", ["exact", "sketch"])
+def test_init_is_identical_on_every_rank_and_equals_one_process(tiny_model_dir, tmp_path, estimator):
     model_dir = tiny_model_dir("llama")
-    spawn(init_worker, model_dir, str(tmp_path))
+    spawn(init_worker, model_dir, str(tmp_path), estimator)
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key  # bit-identical across ranks
     model = load_model(model_dir)
     single, _ = lora_ga_init(model, find_target_layers(model), make_batches(n_batches=4),
-                             QLoraGAConfig(r=4, progress=False))
+                             QLoraGAConfig(r=4, progress=False, estimator=estimator))
     # The only difference is the order of the fp32 sums over batches (~1e-7 relative in G); singular
     # vectors move by that over the singular-value gaps (their signs are fixed by lora_ga_factors), so
     # 1e-3 is ample and still fails on a wrong reduction.

@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
         help="record format (auto: from the fields)")
     add("--output-dir", help="where outputs go (default: runs/<model>-<time>)")
     add("--4bit", dest="load_in_4bit", action="store_true", help="load the base in 4-bit NF4 (QLoRA); else bf16")
+    add("--dtype", choices=["bfloat16", "float32"],
+        help="compute dtype (bf16 default; float32 on CPUs without bf16 kernels, as the demo preset does)")
     add("--quant-storage", choices=["uint8", "bfloat16", "float32"],
         help="storage dtype of 4-bit weights (bfloat16 for FSDP, see configs/accelerate/)")
     add("--rank", type=int, help="LoRA rank r (the exported adapter has rank 2r)")

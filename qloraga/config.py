@@ -13,6 +13,7 @@ DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weight_svd")
 ESTIMATORS = ("exact", "sketch")
 INITS = ("lora-ga", "lora")
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -145,6 +146,7 @@ class RunConfig:
     dataset_format: str = "auto"
     output_dir: str | None = None
     load_in_4bit: bool = False
+    dtype: str = "bfloat16"  # compute dtype (NF4) or weight dtype; float32 where a CPU lacks bf16 kernels
     quant_storage: str = "uint8"  # bfloat16 under FSDP (configs/accelerate/fsdp_qlora.yaml)
     init: str = "lora-ga"
     ga_batches: int = 8
@@ -175,6 +177,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         check_choice("init", self.init, INITS)
         check_choice("quant_storage", self.quant_storage, list(QUANT_STORAGE))
+        check_choice("dtype", self.dtype, list(COMPUTE_DTYPES))
         if self.ga_batches < 1:
             raise ConfigError(f"--ga-batches must be at least 1, got {self.ga_batches}.")
         for name in ("batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):

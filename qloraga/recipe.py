@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, set_seed
 
 from qloraga import distributed
 from qloraga.adapters import get_lora_model, get_qloraga_model
-from qloraga.config import QUANT_STORAGE, RunConfig
+from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
 from qloraga.data import (
     Collator,
     gradient_batches,
@@ -125,9 +125,9 @@ def finetune(cfg: RunConfig) -> Path:
     collator = Collator(tokenizer.pad_token_id)
 
     # Model, and where it starts.
-    model = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
-                       quant_storage=QUANT_STORAGE[cfg.quant_storage])
-    say(f"model: {cfg.model} ({'4-bit NF4' if cfg.load_in_4bit else 'bf16'})")
+    model = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, dtype=COMPUTE_DTYPES[cfg.dtype],
+                       trust_remote_code=cfg.trust_remote_code, quant_storage=QUANT_STORAGE[cfg.quant_storage])
+    say(f"model: {cfg.model} ({'4-bit NF4, ' + cfg.dtype + ' compute' if cfg.load_in_4bit else cfg.dtype})")
     if main:
         before = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
         say(f"before fine-tuning: {describe(before)}")

@@ -42,7 +42,7 @@ def run_cli(model, dataset, out, *extra):
     argv = ["--model", model, "--dataset", dataset, "--output-dir", str(out), "--rank", "4", "--max-steps", "4",
             "--batch-size", "4", "--grad-accum", "1", "--ga-batches", "2", "--seq-len", "128", "--lr", "1e-3",
             "--save-steps", "2", "--logging-steps", "1", "--eval-samples", "4", "--no-gradient-checkpointing",
-            *extra]
+            "--dtype", "float32", *extra]  # fp32 compute: bf16 matmuls are emulated (slow) on CPUs like CI's
     return main(argv)
 
 
@@ -63,7 +63,7 @@ def test_every_family_with_its_detected_preset(tiny_model_dir, tmp_path, family)
     model = tiny_model_dir(family)
     assert resolve({"model": model}).preset == family
     data = write_dataset(tmp_path / "train.jsonl", "prompt-completion")
-    assert run_cli(model, data, tmp_path / "out", "--4bit") == 0
+    assert run_cli(model, data, tmp_path / "out", "--4bit", "--dtype", "bfloat16") == 0  # the GPU default
     check_outputs(tmp_path / "out", model, FAMILY_TARGETS[family])
 
 

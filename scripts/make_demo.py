@@ -1,20 +1,26 @@
 """Build the embedded demo: a tiny Llama pretrained on generated text, and a task.
 
-The base model is pretrained on plain arithmetic ("12 + 7 = 19", "19 - 7 = 12")
-and short stories with look-up questions ("Tom has 12 apples. How many apples
-does Tom have? Answer: 12"). The fine-tuning task joins the two skills, which
-the base model never saw together: word problems such as
-"Tom has 12 apples. Tom buys 7 more apples. How many apples does Tom have?
-Answer:" -> " 19". Zero-shot the base copies the first number; a short LoRA
-fine-tune teaches it to add or subtract.
+Pretraining text (generated here, seeded):
+  - arithmetic facts, every count in 0..50: "12 + 7 = 19", "19 - 7 = 12"
+  - look-up questions about static facts:
+    "Tom has 12 apples. Anna has 3 pears. How many apples does Tom have? Answer: 12"
+  - stories with actions, often followed by the new count:
+    "Tom has 12 apples. Tom buys 7 more apples. Now Tom has 19 apples."
 
-Run from the repository root (about 10 minutes on 2 CPU cores):
+Fine-tuning task (never in the pretraining text): the same question asked after an action,
+answered with the equation that solves it:
+    prompt:     "Tom has 12 apples. Tom buys 7 more apples. How many apples does Tom have? Answer:"
+    completion: " 12 + 7 = 19"
+Zero-shot the base answers with a single (wrong) number. A short LoRA fine-tune teaches it to
+write the equation, reusing what pretraining taught it (copying a count, doing the sum).
+
+Run from the repository root (about 10 minutes on 2 idle CPU cores):
 
     python scripts/make_demo.py
 
 It writes qloraga/demo/model/ (bf16 safetensors + tokenizer) and
-qloraga/demo/data/{train,eval}.jsonl. Everything is seeded, so a rerun on the
-same machine and library versions reproduces the shipped files.
+qloraga/demo/data/{train,eval}.jsonl. Everything is seeded: a rerun with the same library
+versions reproduces the shipped files.
 """
 
 import argparse
@@ -34,12 +40,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 # settings
 
 SEED = 1234
-MAX_N = 50  # operands are 0..MAX_N, so sums go up to 2 * MAX_N
+MAX_N = 50  # every count, operand and result is in 0..MAX_N
 N_TRAIN, N_EVAL = 2000, 200  # fine-tuning task sizes
-PRETRAIN_DOCS = 400_000  # generated pretraining documents
+PRETRAIN_DOCS = 500_000  # generated pretraining documents
 BLOCK = 64  # pretraining sequence length (documents are packed)
 BATCH = 64
-STEPS = 1000
+STEPS = 1600
 LR, MIN_LR, WARMUP = 3e-3, 3e-4, 100
 N_THREADS = 2
 
@@ -49,11 +55,12 @@ GAIN = ["buys", "finds", "gets"]  # "Tom buys 7 more apples." -> add
 LOSS = ["eats", "loses", "sells"]  # "Tom eats 7 of the apples." -> subtract
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # "<s><|user|> ... <|assistant|> 19</s>"; {% generation %} marks the assistant tokens
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' ' }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }} {% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|> ' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|> ' + message['content'] + ' ' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
@@ -69,8 +76,10 @@ args = parser.parse_args()
 
 
 def equation(rng: random.Random) -> str:
-    """An addition or subtraction fact with operands in 0..MAX_N."""
+    """An addition or subtraction fact, uniform over a + b = c with c <= MAX_N."""
     a, b = rng.randint(0, MAX_N), rng.randint(0, MAX_N)
+    while a + b > MAX_N:
+        a, b = rng.randint(0, MAX_N), rng.randint(0, MAX_N)
     return f"{a} + {b} = {a + b}" if rng.random() < 0.5 else f"{a + b} - {b} = {a}"
 
 
@@ -101,32 +110,33 @@ def action_story(rng: random.Random) -> str:
     """Facts and actions; often the new count follows ("Now Tom has 19 apples."), never a question."""
     out = []
     for n, i, a in facts(rng, rng.randint(1, 2)):
-        gain = a == 0 or rng.random() < 0.5
-        sentence, c = action(n, i, a, rng.randint(1, MAX_N if gain else a), gain, rng)
+        gain = a == 0 or (a < MAX_N and rng.random() < 0.5)
+        sentence, c = action(n, i, a, rng.randint(1, MAX_N - a if gain else a), gain, rng)
         out += [f"{n} has {a} {i}.", sentence]
-        if rng.random() < 0.6:
+        if rng.random() < 0.7:
             out.append(f"Now {n} has {c} {i}.")
     return " ".join(out)
 
 
 def pretrain_doc(rng: random.Random) -> str:
+    """One pretraining document: an equation, a look-up story or an action story."""
     r = rng.random()
-    if r < 0.5:
+    if r < 0.55:
         return equation(rng)
-    return lookup_story(rng) if r < 0.75 else action_story(rng)
+    return lookup_story(rng) if r < 0.7 else action_story(rng)
 
 
 def word_problem(a: int, b: int, op: str, rng: random.Random) -> dict[str, str]:
-    """One task example: a story with one action, then the look-up question."""
+    """One task example: a story with one action, the look-up question, and the worked answer."""
     n, i = rng.choice(NAMES), rng.choice(ITEMS)
     sentence, answer = action(n, i, a, b, op == "+", rng)
     prompt = f"{n} has {a} {i}. {sentence} How many {i} does {n} have? Answer:"
-    return {"prompt": prompt, "completion": f" {answer}"}
+    return {"prompt": prompt, "completion": f" {a} {op} {b} = {answer}"}
 
 
 def task(rng: random.Random) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Train and eval word problems; eval (a, b, op) triples never occur in train."""
-    adds = [(a, b, "+") for a in range(1, MAX_N + 1) for b in range(1, MAX_N + 1)]
+    adds = [(a, b, "+") for a in range(1, MAX_N) for b in range(1, MAX_N - a + 1)]
     subs = [(a, b, "-") for a in range(2, MAX_N + 1) for b in range(1, a)]
     triples = rng.sample(adds, (N_TRAIN + N_EVAL) // 2) + rng.sample(subs, (N_TRAIN + N_EVAL) // 2)
     rng.shuffle(triples)
@@ -147,12 +157,13 @@ for name, rows in [("train", train_rows), ("eval", eval_rows)]:
 print(f"task: {len(train_rows)} train, {len(eval_rows)} eval; e.g. {train_rows[0]}")
 
 # -----------------------------------------------------------------------------
-# tokenizer: word level, one token per word, number (0..100) and punctuation
+# tokenizer: word level, one token per word, number (0..50) and punctuation mark
 
 pre_tokenizer = pre_tokenizers.Whitespace()  # splits "Answer:" into "Answer", ":"
 
 
 def words(text: str) -> list[str]:
+    """Split text the way the tokenizer does."""
     return [w for w, _ in pre_tokenizer.pre_tokenize_str(text)]
 
 
@@ -195,11 +206,11 @@ print(f"pretraining: {blocks.numel():,} tokens in {len(blocks):,} blocks of {BLO
 
 torch.manual_seed(SEED)
 torch.set_num_threads(args.threads)
-torch.set_flush_denormal(True)  # tiny values would make CPU matmuls crawl
+torch.set_flush_denormal(True)  # subnormal floats are slow on CPU
 config = LlamaConfig(
     vocab_size=math.ceil(len(tokenizer) / 64) * 64,
-    hidden_size=192,
-    intermediate_size=512,
+    hidden_size=128,
+    intermediate_size=384,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -237,13 +248,13 @@ def val_loss() -> float:
     return sum(losses) / len(losses)
 
 
+assert len(blocks) >= args.steps * BATCH, "not enough pretraining text for this many steps"
 order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(SEED))
 model.train()
 t0 = time.time()
 pbar = tqdm(range(args.steps), desc="pretrain")
 for step in pbar:
-    idx = order[(step * BATCH) % len(order) :][:BATCH]
-    batch = blocks[idx]
+    batch = blocks[order[step * BATCH : (step + 1) * BATCH]]  # one pass, no block repeats
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step)
     loss = model(input_ids=batch, labels=batch).loss
@@ -252,9 +263,9 @@ for step in pbar:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     pbar.set_postfix(loss=f"{loss.item():.3f}")
-    if step % 250 == 0 or step == args.steps - 1:
+    if step % 250 == 0:
         tqdm.write(f"step {step}: train loss {loss.item():.4f}, val loss {val_loss():.4f}")
-print(f"pretraining done in {time.time() - t0:.0f}s; final train loss {loss.item():.4f}, val loss {val_loss():.4f}")
+print(f"pretraining done in {time.time() - t0:.0f}s: final train loss {loss.item():.4f}, val loss {val_loss():.4f}")
 
 # -----------------------------------------------------------------------------
 # save: bf16 safetensors + tokenizer

@@ -1,0 +1,199 @@
+"""Benchmark 1: peak memory of the LoRA-GA initialisation against its peers, on the same model shape and batches.
+
+(a) qloraga on the 4-bit model, chunked by `init_memory_gb`; (b) PEFT 0.21 `lora_ga` on the bf16 model (it
+refuses 4-bit layers); (c) one plain QLoRA training step (PEFT LoRA, B = 0, same 4-bit model and batch).
+Goals: (a)/(c) <= 1.0 (the initialisation is never the peak of a run) and (a)/(b) <= 0.35. Then the curve of
+(a) against `init_memory_gb` and against the number of layers.
+
+Each configuration runs in a fresh interpreter that loads the model, copies it into its own memory, runs
+one inference forward, restarts its peak counter and runs the phase: the table quotes the peak RSS of the
+process (on a GPU, `max_memory_allocated`), and the peak minus the RSS of an interpreter that only imported
+the libraries (`import` row), which is what the phase and the model take, the analogue of a GPU figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import common
+
+SCRIPT = Path(__file__).resolve()
+
+
+def child(spec: dict) -> dict:
+    """One configuration in this fresh process: load, touch, restart the peak counter, run the phase."""
+    common.setup_child()
+    import qloraga  # noqa: F401 (the `import` row counts every library the others load)
+
+    if spec["method"] == "import":
+        return {"peak_gb": common.proc_status_gb("VmHWM"), "before_gb": common.current_gb(), "seconds": 0.0}
+    batches = common.random_batches(spec["batches"], spec["batch_size"], spec["seq_len"], spec["vocab"])
+    model = common.load(spec["model"], four_bit=spec["method"] != "peft_loraga")
+    common.materialize(model)
+    common.touch(model, batches[0])
+    r = spec["r"]
+    if spec["method"] == "qloraga":
+        peft_model, stats = common.measure(lambda: common.qloraga_model(
+            model, batches, r=r, init_memory_gb=spec["init_memory_gb"], estimator=spec.get("estimator", "exact")))
+        stats["chunks"] = peft_model.qloraga_report.chunks
+    elif spec["method"] == "peft_loraga":
+        _, stats = common.measure(lambda: common.peft_loraga_model(model, batches, r=r))
+    else:  # qlora_step
+
+        def step() -> None:
+            peft_model = common.plain_lora_model(model, r=r)
+            common.train_step(peft_model, common.make_optimizer(common.trainable(peft_model), 1e-4), batches[0])
+
+        _, stats = common.measure(step)
+    return stats
+
+
+def run(spec: dict, repeats: int, tiny: bool = False) -> dict:
+    """Median over `repeats` fresh processes of one configuration (in this process for `--tiny`, except
+    the `import` row, so that the smoke test still goes through the subprocess harness once)."""
+    inprocess = child if tiny and spec["method"] != "import" else None
+    runs = [common.run_child(SCRIPT, spec, inprocess) for _ in range(repeats)]
+    out = {k: common.median([r[k] for r in runs]) for k in runs[0]}
+    out["runs"] = runs
+    return out
+
+
+def block_gb(shape: str, layers: int) -> float:
+    """fp32 accumulator bytes of one decoder block's targets, in GiB (the planner's unit)."""
+    params = common.count_params(common.llama_config(shape, layers))["block_linear"]
+    return 4 * params / layers / 2**30
+
+
+def main() -> None:
+    p = common.parser(__doc__.split("\n")[0])
+    p.add_argument("--shape", default="medium", choices=list(common.SHAPES))
+    p.add_argument("--curve-shape", default="small", choices=list(common.SHAPES),
+                   help="shape of the two curves (cheaper than the main comparison on a CPU)")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--batches", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--chunk-blocks", type=int, default=4,
+                   help="(a) gets the init_memory_gb that fits this many blocks per chunk")
+    p.add_argument("--curve-repeats", type=int, default=1)
+    p.add_argument("--only", nargs="+", help="rerun only the main configurations whose name contains one of these "
+                   "(e.g. \"(a'')\"), keeping the others from the existing JSON")
+    p.add_argument("--part", choices=["all", "main", "curves"], default="all",
+                   help="the main comparison, the curves, or both (each is ~10-15 minutes on 2 CPU cores)")
+    args = p.parse_args()
+    if common.serve_child(args, child):
+        return
+    if args.tiny:
+        args.shape = args.curve_shape = "tiny"
+        args.repeats = args.curve_repeats = 1
+        args.seq_len, args.r, args.chunk_blocks = 8, 2, 1
+
+    def spec(method: str, shape: str, layers: int | None = None, **extra) -> dict:
+        config = common.llama_config(shape, layers)
+        return {"method": method, "model": str(common.random_model(shape, layers)), "r": args.r,
+                "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                "vocab": config.vocab_size, **extra}
+
+    suffix = "_tiny" if args.tiny else ""
+    import_gb = None
+    if args.part in ("all", "main"):
+        payload = run_main(args, spec)
+        import_gb = payload["results"]["import"]["peak_gb"]
+        print(f"\nwrote {common.save(args.out, 'init_memory' + suffix, payload)}")
+    if args.part in ("all", "curves"):
+        payload = run_curves(args, spec, import_gb if args.curve_shape == args.shape else None)
+        print(f"\nwrote {common.save(args.out, 'init_memory_curves' + suffix, payload)}")
+
+
+def run_main(args, spec) -> dict:
+    """(a), (a') with the default budget, (b), (c) and the `import` baseline; their ratios against the goals."""
+    layers = common.SHAPES[args.shape]["num_hidden_layers"]
+    budget = 1.01 * args.chunk_blocks * block_gb(args.shape, layers)
+    configs = {
+        "import": spec("import", args.shape),
+        "(a) qloraga 4-bit, chunked": spec("qloraga", args.shape, init_memory_gb=budget),
+        "(a') qloraga 4-bit, default init_memory_gb=4": spec("qloraga", args.shape, init_memory_gb=4.0),
+        "(a'') qloraga 4-bit, estimator=sketch": spec("qloraga", args.shape, init_memory_gb=4.0, estimator="sketch"),
+        "(b) PEFT lora_ga bf16": spec("peft_loraga", args.shape),
+        "(c) QLoRA step": spec("qlora_step", args.shape),
+    }
+    path = args.out / f"init_memory{'_tiny' if args.tiny else ''}.json"
+    results = json.loads(path.read_text())["results"] if args.only and path.exists() else {}
+    for name, s in configs.items():
+        if not args.only or any(o in name for o in args.only):
+            results[name] = run(s, args.repeats, args.tiny)
+    base = results["import"]["peak_gb"]
+    rows = [{"config": name, "chunks": res.get("chunks", ""), "peak GiB": res["peak_gb"],
+             "peak - import GiB": res["peak_gb"] - base, "before phase GiB": res["before_gb"],
+             "phase s": res["seconds"]} for name, res in results.items()]
+    b, c = results["(b) PEFT lora_ga bf16"], results["(c) QLoRA step"]
+    ratios = []
+    for name, x in results.items():
+        if not name.startswith("(a"):
+            continue
+        label = name.split(" ")[0]
+        for other, y, goal in [("(c)", c, 1.0), ("(b)", b, 0.35)]:
+            raw = x["peak_gb"] / y["peak_gb"]
+            net = (x["peak_gb"] - base) / (y["peak_gb"] - base)
+            ratios.append({"ratio": f"{label}/{other}", "goal": f"<= {goal}", "peak": raw, "peak - import": net,
+                           "met (peak)": raw <= goal, "met (peak - import)": net <= goal})
+    params = common.count_params(common.llama_config(args.shape))
+    print(f"Shape {args.shape} ({params['total'] / 1e6:.0f}M parameters), r={args.r}, {args.batches} batch(es) of "
+          f"{args.batch_size}x{args.seq_len} tokens, median of {args.repeats}; (a) init_memory_gb={budget:.4f}\n")
+    print(common.table(rows, list(rows[0])))
+    print()
+    print(common.table(ratios, list(ratios[0])))
+    return {"shape": args.shape, "params": params, "r": args.r, "batches": args.batches,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "init_memory_gb_a": budget,
+            "memory_kind": common.memory_kind(), "repeats": args.repeats, "results": results, "rows": rows,
+            "ratios": ratios}
+
+
+def run_curves(args, spec, import_gb: float | None) -> dict:
+    """(a) against init_memory_gb (chunks of 1, 2, 4, ... blocks) and against depth at a fixed budget."""
+    shape = args.curve_shape
+    layers = common.SHAPES[shape]["num_hidden_layers"]
+    block = block_gb(shape, layers)
+    base = import_gb if import_gb is not None else run(spec("import", shape), args.curve_repeats)["peak_gb"]
+    budget_rows = []
+    for k in [2**i for i in range(layers.bit_length()) if 2**i <= layers]:
+        res = run(spec("qloraga", shape, init_memory_gb=1.01 * k * block), args.curve_repeats, args.tiny)
+        budget_rows.append({"init_memory_gb": 1.01 * k * block, "blocks per chunk": k, "chunks": res["chunks"],
+                            "peak GiB": res["peak_gb"], "peak - import GiB": res["peak_gb"] - base,
+                            "phase s": res["seconds"]})
+    depth_rows = []
+    for depth in sorted({max(2, layers // 4), max(2, layers // 2), layers, layers * 3 // 2}):
+        row = {"layers": depth, "params": common.count_params(common.llama_config(shape, depth))["total"]}
+        for label, method, extra in [("a", "qloraga", {"init_memory_gb": 1.01 * 2 * block}),
+                                     ("b", "peft_loraga", {}), ("c", "qlora_step", {})]:
+            res = run(spec(method, shape, depth, **extra), args.curve_repeats, args.tiny)
+            row[f"({label}) peak - import GiB"] = res["peak_gb"] - base
+        depth_rows.append(row)
+    print(f"\n(a) against init_memory_gb, shape {shape}, {layers} layers, median of {args.curve_repeats}:\n")
+    print(common.table(budget_rows, list(budget_rows[0])))
+    print(f"\nAgainst depth, shape {shape}, (a) with 2 blocks per chunk, median of {args.curve_repeats}:\n")
+    print(common.table(depth_rows, list(depth_rows[0])))
+
+    def draw(fig) -> None:
+        ax1, ax2 = fig.subplots(1, 2)
+        ax1.plot([r["init_memory_gb"] for r in budget_rows], [r["peak - import GiB"] for r in budget_rows], "o-")
+        for r in budget_rows:
+            ax1.annotate(f"{r['chunks']} ch.", (r["init_memory_gb"], r["peak - import GiB"]), fontsize=7)
+        ax1.set(xscale="log", xlabel="init_memory_gb", ylabel="peak - import (GiB)", title=f"(a), {shape}")
+        for label in ["a", "b", "c"]:
+            ax2.plot([r["layers"] for r in depth_rows], [r[f"({label}) peak - import GiB"] for r in depth_rows],
+                     "o-", label={"a": "(a) qloraga 4-bit", "b": "(b) PEFT lora_ga bf16", "c": "(c) QLoRA step"}[label])
+        ax2.set(xlabel="decoder layers", ylabel="peak - import (GiB)", title="against depth")
+        ax2.legend(fontsize=7)
+
+    name = "init_memory_curves_tiny" if args.tiny else "init_memory_curves"
+    common.plot(args.out, name, draw, figsize=(9, 3.8))
+    return {"shape": shape, "params": common.count_params(common.llama_config(shape)), "r": args.r,
+            "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "memory_kind": common.memory_kind(), "repeats": args.curve_repeats, "import_gb": base,
+            "budget": budget_rows, "depth": depth_rows}
+
+
+if __name__ == "__main__":
+    main()

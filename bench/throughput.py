@@ -1,0 +1,94 @@
+"""Benchmark 3: training throughput of qloraga (with its residual correction) against plain PEFT QLoRA.
+
+Same 4-bit model, rank, target layers, batch and optimizer. Each qloraga model is paired with a plain
+QLoRA model whose adapters have the same dtype: fp32 (PEFT's default `autocast_adapter_dtype`) and bf16
+(qloraga's default `adapter_dtype`). All four models live in one process and take turns, a few steps
+each, in a rotated order; the ratio qloraga / plain tokens/s is taken per round. Goal: ratio >= 0.95.
+"""
+
+from __future__ import annotations
+
+import time
+
+import common
+import torch
+
+CONFIGS = {  # name: (method, adapter dtype)
+    "plain QLoRA, fp32 adapters": ("plain", "float32"),
+    "qloraga, fp32 adapters": ("qloraga", "float32"),
+    "plain QLoRA, bf16 adapters": ("plain", "bfloat16"),
+    "qloraga, bf16 adapters (default)": ("qloraga", "bfloat16"),
+}
+PAIRS = [("qloraga, fp32 adapters", "plain QLoRA, fp32 adapters"),
+         ("qloraga, bf16 adapters (default)", "plain QLoRA, bf16 adapters")]
+
+
+def build(name: str, path: str, batches: list[dict], r: int, dtype: torch.dtype):
+    method, adapter_dtype = CONFIGS[name]
+    model = common.load(path, four_bit=True, dtype=dtype)
+    if method == "plain":
+        model = common.plain_lora_model(model, r=r, adapter_dtype=adapter_dtype)
+    else:
+        model = common.qloraga_model(model, batches, r=r, adapter_dtype=adapter_dtype)
+    return model, common.make_optimizer(common.trainable(model), 1e-5)
+
+
+def main() -> None:
+    p = common.parser(__doc__.split("\n")[0])
+    p.add_argument("--shape", default="small", choices=list(common.SHAPES))
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype of the base")
+    args = p.parse_args()
+    if args.tiny:
+        args.shape, args.layers, args.repeats, args.seq_len, args.r, args.steps = "tiny", 2, 2, 8, 2, 1
+    common.setup_child()
+    dtype = getattr(torch, args.dtype)
+    config = common.llama_config(args.shape, args.layers)
+    path = str(common.random_model(args.shape, args.layers))
+    batches = common.random_batches(4, args.batch_size, args.seq_len, config.vocab_size, seed=1)
+    models = {name: build(name, path, batches, args.r, dtype) for name in CONFIGS}
+    for model, optimizer in models.values():  # warm-up: lazy set-up, optimizer state
+        common.train_step(model, optimizer, batches[0])
+
+    names = list(CONFIGS)
+    rounds = []
+    for i in range(args.repeats):
+        seconds = {}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            model, optimizer = models[name]
+            start = time.perf_counter()
+            for s in range(args.steps):
+                common.train_step(model, optimizer, batches[s % len(batches)])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds[name] = (time.perf_counter() - start) / args.steps
+        rounds.append(seconds)
+        print(f"round {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.2f}s/step" for k, v in seconds.items()))
+
+    tokens = args.batch_size * args.seq_len
+    rows = [{"config": name, "s/step": common.median([r[name] for r in rounds]),
+             "tokens/s": common.median([tokens / r[name] for r in rounds])} for name in names]
+    ratios = []
+    for ours, plain in PAIRS:
+        ratio = common.median([r[plain] / r[ours] for r in rounds])
+        ratios.append({"ratio": f"{ours} / {plain}", "tokens/s ratio": ratio, "goal": ">= 0.95", "met": ratio >= 0.95})
+    params = common.count_params(config)
+    print(f"\nShape {args.shape}, {args.layers} layers ({params['total'] / 1e6:.1f}M parameters), r={args.r}, "
+          f"batch {args.batch_size}x{args.seq_len} tokens, {args.dtype} compute, {args.steps} steps per round, "
+          f"median of {args.repeats} rounds:\n")
+    print(common.table(rows, list(rows[0])))
+    print()
+    print(common.table(ratios, list(ratios[0])))
+    suffix = ("_tiny" if args.tiny else "") + ("" if args.dtype == "bfloat16" else f"_{args.dtype}")
+    payload = {"shape": args.shape, "layers": args.layers, "params": params, "r": args.r,
+               "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype, "steps": args.steps,
+               "repeats": args.repeats, "rounds": rounds, "rows": rows, "ratios": ratios}
+    print(f"\nwrote {common.save(args.out, 'throughput' + suffix, payload)}")
+
+
+if __name__ == "__main__":
+    main()

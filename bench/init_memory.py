@@ -79,8 +79,9 @@ def main() -> None:
     p.add_argument("--curve-repeats", type=int, default=1)
     p.add_argument("--only", nargs="+", help="rerun only the main configurations whose name contains one of these "
                    "(e.g. \"(a'')\"), keeping the others from the existing JSON")
-    p.add_argument("--part", choices=["all", "main", "curves"], default="all",
-                   help="the main comparison, the curves, or both (each is ~10-15 minutes on 2 CPU cores)")
+    p.add_argument("--part", choices=["all", "main", "curves", "tokens"], default="all",
+                   help="the main comparison, the two curves, the sweep over tokens, or all (each part is "
+                        "~10-40 minutes on a shared 2-core CPU)")
     args = p.parse_args()
     if common.serve_child(args, child):
         return
@@ -104,6 +105,9 @@ def main() -> None:
     if args.part in ("all", "curves"):
         payload = run_curves(args, spec, import_gb if args.curve_shape == args.shape else None)
         print(f"\nwrote {common.save(args.out, 'init_memory_curves' + suffix, payload)}")
+    if args.part in ("all", "tokens"):
+        payload = run_tokens(args, spec, import_gb if args.curve_shape == args.shape else None)
+        print(f"\nwrote {common.save(args.out, 'init_memory_tokens' + suffix, payload)}")
 
 
 def run_main(args, spec) -> dict:
@@ -124,7 +128,7 @@ def run_main(args, spec) -> dict:
         if not args.only or any(o in name for o in args.only):
             results[name] = run(s, args.repeats, args.tiny)
     base = results["import"]["peak_gb"]
-    rows = [{"config": name, "chunks": res.get("chunks", ""), "peak GiB": res["peak_gb"],
+    rows = [{"config": name, "chunks (sketch: passes)": res.get("chunks", ""), "peak GiB": res["peak_gb"],
              "peak - import GiB": res["peak_gb"] - base, "before phase GiB": res["before_gb"],
              "phase s": res["seconds"]} for name, res in results.items()]
     b, c = results["(b) PEFT lora_ga bf16"], results["(c) QLoRA step"]
@@ -193,6 +197,41 @@ def run_curves(args, spec, import_gb: float | None) -> dict:
             "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "memory_kind": common.memory_kind(), "repeats": args.curve_repeats, "import_gb": base,
             "budget": budget_rows, "depth": depth_rows}
+
+
+def run_tokens(args, spec, import_gb: float | None) -> dict:
+    """(a) with one block per chunk, (a'') sketch, (b) and (c) against the tokens per batch: activations grow
+    with them in every method, while (a)'s accumulators do not."""
+    shape, layers = args.curve_shape, 2 if args.tiny else 4
+    block = block_gb(shape, layers)
+    base = import_gb if import_gb is not None else run(spec("import", shape), args.curve_repeats)["peak_gb"]
+    methods = {"(a) qloraga, 1 block per chunk": ("qloraga", {"init_memory_gb": 1.01 * block}),
+               "(a'') qloraga, sketch": ("qloraga", {"init_memory_gb": 4.0, "estimator": "sketch"}),
+               "(b) PEFT lora_ga bf16": ("peft_loraga", {}), "(c) QLoRA step": ("qlora_step", {})}
+    rows = []
+    for tokens in [8, 16] if args.tiny else [16, 64, 256]:
+        row: dict = {"tokens": tokens}
+        for name, (method, extra) in methods.items():
+            res = run(spec(method, shape, layers, seq_len=tokens, **extra), args.curve_repeats, args.tiny)
+            row[name] = res["peak_gb"] - base
+        row["(a)/(c)"] = row["(a) qloraga, 1 block per chunk"] / row["(c) QLoRA step"]
+        row["(a)/(b)"] = row["(a) qloraga, 1 block per chunk"] / row["(b) PEFT lora_ga bf16"]
+        rows.append(row)
+    print(f"\nPeak - import (GiB) against tokens per batch, shape {shape} x{layers} layers, median of "
+          f"{args.curve_repeats}:\n")
+    print(common.table(rows, list(rows[0])))
+
+    def draw(fig) -> None:
+        ax = fig.subplots()
+        for name in methods:
+            ax.plot([r["tokens"] for r in rows], [r[name] for r in rows], "o-", label=name)
+        ax.set(xscale="log", xlabel="tokens per gradient batch / training batch", ylabel="peak - import (GiB)",
+               title=f"against tokens, {shape} x{layers} layers")
+        ax.legend(fontsize=7)
+
+    common.plot(args.out, "init_memory_tokens" + ("_tiny" if args.tiny else ""), draw)
+    return {"shape": shape, "layers": layers, "r": args.r, "memory_kind": common.memory_kind(),
+            "repeats": args.curve_repeats, "import_gb": base, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ answered with the equation that solves it:
 Zero-shot the base answers with a single (wrong) number. A short LoRA fine-tune teaches it to
 write the equation, reusing what pretraining taught it (copying a count, doing the sum).
 
-Run from the repository root (about 10 minutes on 2 idle CPU cores):
+Run from the repository root (about 10 minutes on 2 idle CPU cores; on a busy machine
+`--threads 1` is much faster and writes the same files):
 
     python scripts/make_demo.py
 
@@ -66,9 +67,9 @@ CHAT_TEMPLATE = (  # "<s><|user|> ... <|assistant|> 19</s>"; {% generation %} ma
 )
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--out", type=Path, default=Path("qloraga/demo"))
-parser.add_argument("--steps", type=int, default=STEPS)
-parser.add_argument("--threads", type=int, default=N_THREADS)
+parser.add_argument("--out", type=Path, default=Path("qloraga/demo"), help="writes OUT/model and OUT/data")
+parser.add_argument("--steps", type=int, default=STEPS, help="pretraining steps (fewer for a quick try)")
+parser.add_argument("--threads", type=int, default=N_THREADS, help="torch CPU threads (1 and 2 give the same files)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
@@ -191,8 +192,8 @@ tokenizer = PreTrainedTokenizerFast(
 print(f"tokenizer: {len(tokenizer)} tokens")
 
 
-# pack documents into one stream: <s> doc </s> <s> doc </s> ...
 def pack(texts: list[str]) -> torch.Tensor:
+    """Tokenize into one stream, <s> doc </s> <s> doc </s> ..., cut into rows of BLOCK tokens."""
     ids = [[*t, tokenizer.eos_token_id] for t in tokenizer(texts)["input_ids"]]
     flat = torch.tensor([i for t in ids for i in t])
     return flat[: len(flat) // BLOCK * BLOCK].view(-1, BLOCK)
@@ -242,6 +243,7 @@ def lr_at(step: int) -> float:
 
 @torch.no_grad()
 def val_loss() -> float:
+    """Mean next-token loss on held-out pretraining text."""
     model.eval()
     losses = [model(input_ids=b, labels=b).loss.item() for b in val_blocks.split(256)]
     model.train()

@@ -64,7 +64,11 @@ class ResidualCorrection(LoraVariant):
         x = x.to(lora_a.weight.dtype)
         # One rank-2r product [B, -B0] [A dropout(x); A0 x]: the two terms cancel inside the matmul's
         # fp32 accumulation, before any rounding to bf16, exactly as the exported adapter computes.
-        h = torch.cat([lora_a(module.lora_dropout[active_adapter](x)), F.linear(x, module.qloraga_A0)], dim=-1)
+        dropout = module.lora_dropout[active_adapter]
+        if isinstance(dropout, nn.Identity):  # one matmul with [A; A0] reads x once, forward and backward
+            h = F.linear(x, torch.cat([lora_a.weight, module.qloraga_A0]))
+        else:
+            h = torch.cat([lora_a(dropout(x)), F.linear(x, module.qloraga_A0)], dim=-1)
         delta = F.linear(h, torch.cat([lora_b.weight, -module.qloraga_B0], dim=1))
         return result + (delta * module.scaling[active_adapter]).to(result.dtype)
 

@@ -106,7 +106,7 @@ def write_random_checkpoint(config, path: Path, seed: int = 0, device: str = "cp
             else:
                 t = torch.empty(shape, dtype=torch.float32, device=device)
                 t.normal_(0.0, config.initializer_range, generator=generator)
-                t = t.to(device="cpu", dtype=torch.bfloat16)
+                t = t.to(torch.bfloat16).cpu()  # convert where it was drawn (the GPU), copy half the bytes
             tensors[name] = t
             total += t.nbytes
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -287,18 +287,33 @@ def memory_kind() -> str:
 
 
 def measure(phase: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
-    """Run `phase` with the peak counter restarted: (its result, {before_gb, peak_gb, seconds})."""
+    """Run `phase` with the peak counter restarted: (its result, {before_gb, peak_gb, seconds}), and on a GPU
+    also `reserved_gb`, the caching allocator's peak reservation (what the card must hold)."""
     restart_peak()
     before = current_gb()
     start = time.perf_counter()
     result = phase()
+    extra = {}
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+        extra["reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
     seconds = time.perf_counter() - start
-    return result, {"before_gb": before, "peak_gb": peak_gb(), "seconds": seconds}
+    return result, {"before_gb": before, "peak_gb": peak_gb(), "seconds": seconds, **extra}
 
 
 # -------------------------------------------------------------------------------- subprocess harness
+
+
+# A fixed mmap threshold: glibc serves tensors over 64 KiB from mmap and unmaps them when freed, so VmHWM
+# follows live tensors (like a GPU's max_memory_allocated) instead of heap fragmentation (seen: +60% on the
+# accumulators of a chunked init without it).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def reexec_with_malloc_env() -> None:
+    """On a CPU, restart this script under `MALLOC_ENV` unless it already runs under it (glibc reads it at start)."""
+    if not torch.cuda.is_available() and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 
 def setup_child(threads: int | None = None) -> None:
@@ -318,9 +333,7 @@ def run_child(script: Path, spec: dict, inprocess: Callable[[dict], dict] | None
     if inprocess is not None:
         return json.loads(json.dumps(inprocess(spec)))
     cmd = [sys.executable, str(script), "--child", json.dumps(spec)]
-    # A fixed mmap threshold: glibc serves tensors over 64 KiB from mmap and unmaps them when freed, so
-    # VmHWM follows live tensors (like a GPU's max_memory_allocated) instead of heap fragmentation.
-    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", **MALLOC_ENV}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):

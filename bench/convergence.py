@@ -33,8 +33,8 @@ METHODS = {  # name: (bits, init, adapter dtype)
     "LoRA-GA bf16 (PEFT lora_ga)": (16, "peft_loraga", "float32"),
     "full fine-tuning bf16": (16, "full", None),
     "LoRA-GA 4-bit (qloraga, bf16 adapters)": (4, "qloraga", "bfloat16"),
+    "LoRA-GA 4-bit (qloraga, sketch)": (4, "qloraga_sketch", "float32"),
 }
-DEFAULT_METHODS = list(METHODS)[:5]  # the bf16-adapter variant (the library default) on request
 PLAIN = "LoRA 4-bit (PEFT)"
 OURS = "LoRA-GA 4-bit (qloraga)"
 Example = tuple[list[int], list[int]]  # prompt ids, completion ids
@@ -166,8 +166,9 @@ def build(method: str, task: Task, grad_batches: list[dict], r: int, dtype: torc
     """The model to train, with the given method's initialisation: (model, parameters to train, autocast)."""
     bits, init, adapter_dtype = METHODS[method]
     model = common.load(task.model_dir, four_bit=bits == 4, dtype=dtype)
-    if init == "qloraga":
-        model = common.qloraga_model(model, grad_batches, r=r, adapter_dtype=adapter_dtype)
+    if init in ("qloraga", "qloraga_sketch"):
+        model = common.qloraga_model(model, grad_batches, r=r, adapter_dtype=adapter_dtype,
+                                     estimator="sketch" if init == "qloraga_sketch" else "exact")
     elif init == "peft_loraga":
         model = common.peft_loraga_model(model, grad_batches, r=r)
     elif init == "lora":
@@ -218,6 +219,8 @@ def train_run(task: Task, method: str, lr: float, seed: int, args) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             record(step)
     val_loss, val_acc = evaluate(model, task.val, task.pad_id)
+    print(f"{task.name}: {method}, lr {lr:g}, seed {seed}: test loss {curve['test_loss'][-1]:.4f}, accuracy "
+          f"{curve['test_acc'][-1]:.2f}, val loss {val_loss:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
     return {"method": method, "lr": lr, "seed": seed, "load_init_s": init_s,
             "train_eval_s": time.perf_counter() - start - init_s, "val_loss": val_loss, "val_acc": val_acc, **curve}
 
@@ -271,13 +274,14 @@ def draw_curves(fig, results: dict[str, dict]) -> None:
 def main() -> None:
     p = common.parser(__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=["demo", "reverse"], choices=["demo", "reverse"])
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="the one grid for every method")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2],
+                   help="the one grid for every method")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--steps", type=int, default=125, help="125 x 16 = one epoch of the demo's 2000 examples")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-batches", type=int, default=8, help="LoRA-GA gradient batches (x batch size samples)")
-    p.add_argument("--eval-every", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--pretrain-steps", type=int, default=1500, help="pretraining steps of the reverse base")
     p.add_argument("--eval-examples", type=int, default=None, help="at most this many val and test examples")

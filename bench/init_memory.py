@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--curve-repeats", type=int, default=1)
     p.add_argument("--only", nargs="+", help="rerun only the main configurations whose name contains one of these "
                    "(e.g. \"(a'')\"), keeping the others from the existing JSON")
+    p.add_argument("--replot", action="store_true", help="redraw the curves' PNG from their JSON")
     p.add_argument("--part", choices=["all", "main", "curves", "tokens"], default="all",
                    help="the main comparison, the two curves, the sweep over tokens, or all (each part is "
                         "~10-40 minutes on a shared 2-core CPU)")
@@ -97,6 +98,10 @@ def main() -> None:
                 "vocab": config.vocab_size, **extra}
 
     suffix = "_tiny" if args.tiny else ""
+    if args.replot:
+        plot_curves(args.out, "init_memory_curves" + suffix,
+                    json.loads((args.out / f"init_memory_curves{suffix}.json").read_text()))
+        return
     import_gb = None
     if args.part in ("all", "main"):
         payload = run_main(args, spec)
@@ -117,13 +122,15 @@ def run_main(args, spec) -> dict:
     configs = {
         "import": spec("import", args.shape),
         "(a) qloraga 4-bit, chunked": spec("qloraga", args.shape, init_memory_gb=budget),
+        "(a1) qloraga 4-bit, 1 block per chunk": spec("qloraga", args.shape, init_memory_gb=budget / args.chunk_blocks),
         "(a') qloraga 4-bit, default init_memory_gb=4": spec("qloraga", args.shape, init_memory_gb=4.0),
         "(a'') qloraga 4-bit, estimator=sketch": spec("qloraga", args.shape, init_memory_gb=4.0, estimator="sketch"),
         "(b) PEFT lora_ga bf16": spec("peft_loraga", args.shape),
         "(c) QLoRA step": spec("qlora_step", args.shape),
     }
     path = args.out / f"init_memory{'_tiny' if args.tiny else ''}.json"
-    results = json.loads(path.read_text())["results"] if args.only and path.exists() else {}
+    earlier = json.loads(path.read_text()) if args.only and path.exists() else {}
+    results = earlier.get("results", {})
     for name, s in configs.items():
         if not args.only or any(o in name for o in args.only):
             results[name] = run(s, args.repeats, args.tiny)
@@ -151,7 +158,8 @@ def run_main(args, spec) -> dict:
     return {"shape": args.shape, "params": params, "r": args.r, "batches": args.batches,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "init_memory_gb_a": budget,
             "memory_kind": common.memory_kind(), "repeats": args.repeats, "results": results, "rows": rows,
-            "ratios": ratios}
+            "ratios": ratios, "earlier_commands": [*earlier.get("earlier_commands", []), earlier["command"]]
+            if earlier else []}
 
 
 def run_curves(args, spec, import_gb: float | None) -> dict:
@@ -179,24 +187,41 @@ def run_curves(args, spec, import_gb: float | None) -> dict:
     print(f"\nAgainst depth, shape {shape}, (a) with 2 blocks per chunk, median of {args.curve_repeats}:\n")
     print(common.table(depth_rows, list(depth_rows[0])))
 
+    payload = {"shape": shape, "params": common.count_params(common.llama_config(shape)), "r": args.r,
+               "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
+               "memory_kind": common.memory_kind(), "repeats": args.curve_repeats, "import_gb": base,
+               "budget": budget_rows, "depth": depth_rows}
+    plot_curves(args.out, "init_memory_curves" + ("_tiny" if args.tiny else ""), payload)
+    return payload
+
+
+def plot_curves(out: Path, name: str, payload: dict) -> None:
+    """Left: (a) against init_memory_gb, with (b) and (c) of the same depth; right: all three against depth."""
+    budget_rows, depth_rows, shape = payload["budget"], payload["depth"], payload["shape"]
+    labels = {"a": "(a) qloraga 4-bit", "b": "(b) PEFT lora_ga bf16", "c": "(c) QLoRA step"}
+
     def draw(fig) -> None:
         ax1, ax2 = fig.subplots(1, 2)
-        ax1.plot([r["init_memory_gb"] for r in budget_rows], [r["peak - import GiB"] for r in budget_rows], "o-")
+        x = [r["init_memory_gb"] for r in budget_rows]
+        ax1.plot(x, [r["peak - import GiB"] for r in budget_rows], "o-", label=labels["a"])
         for r in budget_rows:
-            ax1.annotate(f"{r['chunks']} ch.", (r["init_memory_gb"], r["peak - import GiB"]), fontsize=7)
-        ax1.set(xscale="log", xlabel="init_memory_gb", ylabel="peak - import (GiB)", title=f"(a), {shape}")
+            ax1.annotate(f" {r['chunks']} chunks", (r["init_memory_gb"], r["peak - import GiB"]), fontsize=7)
+        depth = max(b["blocks per chunk"] for b in budget_rows)  # the budget curve's model depth
+        for row in [r for r in depth_rows if r["layers"] == depth]:
+            for label, style in [("b", "--"), ("c", ":")]:
+                ax1.axhline(row[f"({label}) peak - import GiB"], ls=style, color="gray", label=labels[label])
+        ax1.set_xscale("log", base=2)
+        ax1.minorticks_off()
+        ax1.set_xticks(x, [f"{v:.3g}" for v in x], fontsize=7)
+        ax1.set(xlabel="init_memory_gb", ylabel="peak - import (GiB)", title=f"(a) against its budget, {shape}")
+        ax1.legend(fontsize=7)
         for label in ["a", "b", "c"]:
             ax2.plot([r["layers"] for r in depth_rows], [r[f"({label}) peak - import GiB"] for r in depth_rows],
-                     "o-", label={"a": "(a) qloraga 4-bit", "b": "(b) PEFT lora_ga bf16", "c": "(c) QLoRA step"}[label])
-        ax2.set(xlabel="decoder layers", ylabel="peak - import (GiB)", title="against depth")
+                     "o-", label=labels[label] + (", 2 blocks per chunk" if label == "a" else ""))
+        ax2.set(xlabel="decoder layers", ylabel="peak - import (GiB)", title=f"against depth, {shape}")
         ax2.legend(fontsize=7)
 
-    name = "init_memory_curves_tiny" if args.tiny else "init_memory_curves"
-    common.plot(args.out, name, draw, figsize=(9, 3.8))
-    return {"shape": shape, "params": common.count_params(common.llama_config(shape)), "r": args.r,
-            "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "memory_kind": common.memory_kind(), "repeats": args.curve_repeats, "import_gb": base,
-            "budget": budget_rows, "depth": depth_rows}
+    common.plot(out, name, draw, figsize=(10, 4))
 
 
 def run_tokens(args, spec, import_gb: float | None) -> dict:

@@ -9,6 +9,7 @@ process, in a rotated order; ratios are taken within a round, and the tables quo
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -64,6 +65,25 @@ def child(spec: dict) -> dict:
     return seconds
 
 
+def plot_times(out: Path, name: str, rows: list[dict], title: str) -> None:
+    """Seconds against chunks (exact SVD), the randomized-SVD and sketch variants, (b) and (s) as lines."""
+
+    def draw(fig) -> None:
+        ax = fig.subplots()
+        exact = [r for r in rows if r["chunks"] != "" and "svd_niter" not in r["config"]]
+        ax.plot([r["chunks"] for r in exact], [r["seconds"] for r in exact], "o-", label="(a) qloraga 4-bit, exact SVD")
+        for r, marker in zip([r for r in rows if "svd_niter" in r["config"] or "sketch" in r["config"]], "sD",
+                             strict=True):
+            ax.plot([1], [r["seconds"]], marker, label=r["config"])
+        for r, style in zip(rows[-2:], ["--", ":"], strict=True):
+            ax.axhline(r["seconds"], linestyle=style, color="gray", label=r["config"])
+        ax.set(xlabel="chunks", ylabel="seconds", title=title, ylim=(0, None))
+        ax.set_xticks([r["chunks"] for r in exact])
+        ax.legend(fontsize=8)
+
+    common.plot(out, name, draw)
+
+
 def main() -> None:
     p = common.parser(__doc__.split("\n")[0])
     p.add_argument("--shape", default="small", choices=list(common.SHAPES))
@@ -74,11 +94,18 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="compute dtype (float32: NF4 weights with fp32 compute, and an fp32 model for (b))")
+    p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
     args = p.parse_args()
     if common.serve_child(args, child):
         return
     if args.tiny:
         args.shape, args.layers, args.repeats, args.seq_len, args.r = "tiny", 2, 1, 8, 2
+    suffix = ("_tiny" if args.tiny else "") + ("" if args.dtype == "bfloat16" else f"_{args.dtype}")
+    if args.replot:
+        saved = json.loads((args.out / f"init_time{suffix}.json").read_text())
+        title = f"init time, {saved['shape']} x{saved['layers']} layers, {saved['dtype']}"
+        plot_times(args.out, "init_time" + suffix, saved["rows"], title)
+        return
 
     todo = configs(args.layers, args.batches)
     names = list(todo)
@@ -106,22 +133,7 @@ def main() -> None:
           f"median of {args.repeats} rounds:\n")
     print(common.table(rows, list(rows[0])))
 
-    suffix = ("_tiny" if args.tiny else "") + ("" if args.dtype == "bfloat16" else f"_{args.dtype}")
-
-    def draw(fig) -> None:
-        ax = fig.subplots()
-        exact = [r for r in rows if r["chunks"] != "" and "svd_niter" not in r["config"]]
-        ax.plot([r["chunks"] for r in exact], [r["seconds"] for r in exact], "o-", label="(a) qloraga 4-bit, exact SVD")
-        for r, marker in zip([r for r in rows if "svd_niter" in r["config"] or "sketch" in r["config"]], "sD",
-                             strict=True):
-            ax.plot([1], [r["seconds"]], marker, label=r["config"])
-        for r, style in zip(rows[-2:], ["--", ":"], strict=True):
-            ax.axhline(r["seconds"], linestyle=style, color="gray", label=r["config"])
-        ax.set(xscale="log", xlabel="chunks", ylabel="seconds", title=f"init time, {args.shape} x{args.layers} layers")
-        ax.set_xticks([r["chunks"] for r in exact], [str(r["chunks"]) for r in exact])
-        ax.legend(fontsize=8)
-
-    common.plot(args.out, "init_time" + suffix, draw)
+    plot_times(args.out, "init_time" + suffix, rows, f"init time, {args.shape} x{args.layers} layers, {args.dtype}")
     payload = {"shape": args.shape, "layers": args.layers, "params": params, "r": args.r, "batches": args.batches,
                "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype,
                "repeats": args.repeats, "rounds": rounds, "rows": rows}

@@ -56,6 +56,33 @@ def projection(config, seq_len: int, r: int, init_memory_gb: float, chunk_blocks
     return out
 
 
+def svd_seconds(config, device: str = "cuda", repeats: int = 1) -> dict[str, dict[str, float]]:
+    """Seconds of one layer's exact SVD (the library default) and of the randomized one (niter=4, rank 32) on
+    this device, per distinct target shape: what the SVD step of the init costs, without running it again."""
+    def timed(fn) -> float:
+        runs = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - start)
+        return common.median(runs)
+
+    small = torch.randn(256, 256, device=device)
+    torch.linalg.svd(small), torch.svd_lowrank(small, q=32, niter=4)  # solver handles and kernels loaded
+    h, i = config.hidden_size, config.intermediate_size
+    out = {}
+    for rows, cols in [(h, h), (i, h), (h, i)]:
+        g = torch.randn(rows, cols, device=device)
+        out[f"{rows}x{cols}"] = {"exact": timed(lambda g=g: torch.linalg.svd(g, full_matrices=False)),
+                                 "randomized niter=4": timed(lambda g=g: torch.svd_lowrank(g, q=32, niter=4))}
+    print(f"svd seconds per layer: {out}", flush=True)
+    return out
+
+
 def total(components: dict[str, float]) -> float:
     return sum(components.values())
 
@@ -71,11 +98,16 @@ def main() -> None:
     p.add_argument("--chunk-blocks", type=int, default=None)
     p.add_argument("--estimator", default="exact", choices=["exact", "sketch"],
                    help="qloraga's gradient estimator (the projection models the exact one)")
+    p.add_argument("--svd-niter", type=int, default=None,
+                   help="randomized SVD with this many power iterations (PEFT's and the reference code's choice: 4) "
+                        "instead of the library's exact SVD")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-checkpointing", action="store_true")
     args = p.parse_args()
     if args.tiny:
         args.shape, args.samples, args.seq_len, args.steps = "tiny", 2, 16, 2
+    else:
+        common.reexec_with_malloc_env()
     common.setup_child()
     on_gpu = torch.cuda.is_available()
     config = common.llama_config(args.shape, args.layers)
@@ -96,11 +128,13 @@ def main() -> None:
         return model
 
     model, phases["load"] = common.measure(load)
+    print(f"load: {phases['load']}", flush=True)
     batches = common.random_batches(args.samples, 1, args.seq_len, config.vocab_size, seed=0)
     peft_model, phases["init"] = common.measure(lambda: common.qloraga_model(
         model, batches, r=args.r, init_memory_gb=args.init_memory_gb, chunk_blocks=args.chunk_blocks,
-        estimator=args.estimator))
+        estimator=args.estimator, svd_niter=args.svd_niter))
     phases["init"]["chunks"] = peft_model.qloraga_report.chunks
+    print(f"init: {phases['init']}", flush=True)
 
     train_batches = common.random_batches(args.steps, 1, args.seq_len, config.vocab_size, seed=1)
 
@@ -114,12 +148,15 @@ def main() -> None:
     phases["train"]["seconds per step"] = phases["train"]["seconds"] / args.steps
     phases["train"]["losses"] = losses
 
+    if on_gpu:
+        phases["svd"] = svd_seconds(config)
     projected = projection(config, args.seq_len, args.r, args.init_memory_gb, args.chunk_blocks)
     projected_7b = projection(common.llama_config("llama2-7b"), 1024, 16, 4.0, None)
     rows = []
     for phase in ["load", "init", "train"]:
         res = phases[phase]
         rows.append({"phase": phase, "peak GiB": res["peak_gb"], "peak - before GiB": res["peak_gb"] - res["before_gb"],
+                     **({"reserved GiB": res["reserved_gb"]} if on_gpu else {}),
                      "seconds": res["seconds"], "projected GiB (this shape)": total(projected[phase]),
                      "projected - load (this shape)": total(projected[phase]) - total(projected["load"]),
                      "projected GiB (Llama-2-7B)": total(projected_7b[phase]),
@@ -135,12 +172,13 @@ def main() -> None:
               "projection, not a measurement.")
     payload = {"shape": args.shape, "layers": config.num_hidden_layers, "params": params, "samples": args.samples,
                "seq_len": args.seq_len, "r": args.r, "init_memory_gb": args.init_memory_gb, "steps": args.steps,
-               "estimator": args.estimator,
+               "estimator": args.estimator, "svd_niter": args.svd_niter,
                "checkpointing": not args.no_checkpointing, "memory_kind": kind, "phases": phases, "rows": rows,
                "projection_this_shape": projected, "projection_llama2_7b": projected_7b,
                "projection_note": "analytic, not measured: see projection() in bench/llama7b.py",
                "measured_on": "gpu" if on_gpu else "cpu"}
-    out_name = "llama7b" + ("_tiny" if args.tiny else "" if on_gpu else f"_cpu_{name}")
+    out_name = ("llama7b" + ("_tiny" if args.tiny else "" if on_gpu else f"_cpu_{name}_T{args.seq_len}")
+                + ("" if args.estimator == "exact" else f"_{args.estimator}"))
     print(f"\nwrote {common.save(args.out, out_name, payload)}")
 
 

@@ -23,13 +23,13 @@ PAIRS = [("qloraga, fp32 adapters", "plain QLoRA, fp32 adapters"),
          ("qloraga, bf16 adapters (default)", "plain QLoRA, bf16 adapters")]
 
 
-def build(name: str, path: str, batches: list[dict], r: int, dtype: torch.dtype):
+def build(name: str, path: str, batches: list[dict], r: int, dtype: torch.dtype, svd_niter: int | None):
     method, adapter_dtype = CONFIGS[name]
     model = common.load(path, four_bit=True, dtype=dtype)
     if method == "plain":
         model = common.plain_lora_model(model, r=r, adapter_dtype=adapter_dtype)
     else:
-        model = common.qloraga_model(model, batches, r=r, adapter_dtype=adapter_dtype)
+        model = common.qloraga_model(model, batches, r=r, adapter_dtype=adapter_dtype, svd_niter=svd_niter)
     return model, common.make_optimizer(common.trainable(model), 1e-5)
 
 
@@ -40,8 +40,11 @@ def main() -> None:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype of the base")
+    p.add_argument("--svd-niter", type=int, default=None,
+                   help="randomized SVD in qloraga's init (a GPU's exact SVD takes ~1 s per 4096-wide layer)")
+    p.set_defaults(repeats=5)
     args = p.parse_args()
     if args.tiny:
         args.shape, args.layers, args.repeats, args.seq_len, args.r, args.steps = "tiny", 2, 2, 8, 2, 1
@@ -50,7 +53,7 @@ def main() -> None:
     config = common.llama_config(args.shape, args.layers)
     path = str(common.random_model(args.shape, args.layers))
     batches = common.random_batches(4, args.batch_size, args.seq_len, config.vocab_size, seed=1)
-    models = {name: build(name, path, batches, args.r, dtype) for name in CONFIGS}
+    models = {name: build(name, path, batches, args.r, dtype, args.svd_niter) for name in CONFIGS}
     for model, optimizer in models.values():  # warm-up: lazy set-up, optimizer state
         common.train_step(model, optimizer, batches[0])
 

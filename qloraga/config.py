@@ -85,6 +85,9 @@ class QLoraGAConfig:
     estimator: str = "exact"  # or "sketch": one-pass streaming sketch of all layers (qloraga/sketch.py)
     oversample: int = 8  # sketch width beyond 2r
     power_iters: int = 1  # extra sketch passes
+    # Recompute each decoder block's activations in the gradient passes' backward (as training's gradient
+    # checkpointing does): one block's activations at a time instead of all, for ~1 more forward per pass.
+    gradient_checkpointing: bool = True
     adapter_dtype: str = "bfloat16"
     cache_dir: str | None = None  # where finished chunks' factors are kept across interruptions
     progress: bool = True

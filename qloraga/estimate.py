@@ -4,16 +4,19 @@ For a linear layer `y = W x`, `dL/dW = sum_t delta_t x_t^T` with `delta = dL/dy`
 the layer's input and hangs a hook on its output that receives `delta`, so no weight needs
 `requires_grad` and a 4-bit weight is never re-quantized: G is the gradient of the function the
 quantized model computes. Only one chunk of decoder blocks accumulates (fp32) at a time, and the
-backward pass stops at the chunk's first target layer (its input is made a leaf).
+backward pass stops at the chunk's first target layer (its input is made a leaf). With checkpointing,
+each decoder block recomputes its activations in the backward pass instead of keeping them, as
+gradient checkpointing does in training: the pass then holds one block's activations at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from qloraga.targets import block_index, decoder_blocks
@@ -89,6 +92,33 @@ def gradient_pass(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
+    """Run every decoder block under non-reentrant activation checkpointing; restores the blocks afterwards.
+
+    Our own wrapper rather than transformers' `gradient_checkpointing_enable`, which only acts in training
+    mode (dropout on) and not on every model class.
+    """
+    _, blocks = decoder_blocks(model)
+    saved = [block.__dict__.get("forward") for block in blocks]  # an instance-level forward (e.g. a hook)
+    for block in blocks:
+        block.forward = _checkpointed(block.forward)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 def model_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
@@ -102,9 +132,11 @@ def backward_pass(
     batches: Iterable[dict[str, torch.Tensor]],
     on_pair: PairHook,
     progress: tqdm | None = None,
+    checkpointing: bool = False,
 ) -> int:
     """One forward and backward pass per batch; `on_pair(name, x, delta)` receives each target layer's
     input `x` and output gradient `delta = dL/dy` (both flattened to tokens x features, fp32).
+    `checkpointing` recomputes each decoder block's activations in the backward pass.
 
     Returns the number of batches. The first target of `layers` sees an input that needs no grad and
     makes it a leaf: the backward pass stops there.
@@ -133,7 +165,7 @@ def backward_pass(
         handles.append(module.register_forward_hook(make_hook(name)))
     n_batches = 0
     try:
-        with gradient_pass(model):
+        with gradient_pass(model), checkpointed_blocks(model) if checkpointing else nullcontext():
             for batch in batches:
                 inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss = model(**inputs, use_cache=False).loss
@@ -158,6 +190,7 @@ def accumulate_chunk(
     layers: dict[str, nn.Linear],
     batches: Iterable[dict[str, torch.Tensor]],
     progress: tqdm | None = None,
+    checkpointing: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Mean over batches of dL/dW = sum_t delta_t x_t^T (fp32, out x in), L being each batch's mean loss."""
     accum = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=m.weight.device)
@@ -166,7 +199,7 @@ def accumulate_chunk(
     def add(name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
         accum[name].addmm_(delta.T, x)
 
-    n_batches = backward_pass(model, layers, batches, add, progress)
+    n_batches = backward_pass(model, layers, batches, add, progress, checkpointing)
     for acc in accum.values():
         acc /= n_batches
     return accum

@@ -104,7 +104,8 @@ def sketch_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterab
     """All layers at once with the streaming estimator: `1 + power_iters` passes, no chunks, no cache."""
     zero_grad_layers: list[str] = []
     vectors = sketched_singular_vectors(model, targets, batches, r=config.r, oversample=config.oversample,
-                                        power_iters=config.power_iters, seed=config.seed, progress=bar)
+                                        power_iters=config.power_iters, seed=config.seed, progress=bar,
+                                        checkpointing=config.gradient_checkpointing)
     names = list(targets)
     factors = shared_factors(names, targets, config, zero_grad_layers, {n: {"vectors": vectors.pop(n)} for n in names})
     return factors, zero_grad_layers, 1 + config.power_iters
@@ -125,7 +126,8 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterabl
         names = pending.popleft()
         bar.set_postfix_str(f"chunk {done + 1}/{done + 1 + len(pending)}")
         try:
-            grads = accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar)
+            grads = accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar,
+                                     config.gradient_checkpointing)
             grads = distributed.global_mean_(grads, n_batches or 0)
         except torch.OutOfMemoryError:
             halves = split_chunk(model, names)

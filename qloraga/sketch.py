@@ -37,8 +37,8 @@ def orth(m: torch.Tensor) -> torch.Tensor:
 
 
 def sketch_pass(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[dict],
-                right: dict[str, torch.Tensor], left: dict[str, torch.Tensor], progress=None
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                right: dict[str, torch.Tensor], left: dict[str, torch.Tensor], progress=None,
+                checkpointing: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One pass: mean over batches of `G @ right[name]` (out x k) and `G^T @ left[name]` (in x l)."""
     g_right = {n: torch.zeros(m.out_features, right[n].shape[1], device=right[n].device) for n, m in layers.items()}
     gt_left = {n: torch.zeros(m.in_features, left[n].shape[1], device=left[n].device) for n, m in layers.items()}
@@ -47,7 +47,7 @@ def sketch_pass(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterabl
         g_right[name].addmm_(delta.T, x @ right[name])
         gt_left[name].addmm_(x.T, delta @ left[name])
 
-    n = backward_pass(model, layers, batches, add, progress)
+    n = backward_pass(model, layers, batches, add, progress, checkpointing)
     for sums in (g_right, gt_left):
         for t in sums.values():
             t /= n
@@ -90,6 +90,7 @@ def sketched_singular_vectors(
     power_iters: int = 1,
     seed: int = 0,
     progress=None,
+    checkpointing: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Top-2r singular vectors (and the sketch norm) of every layer's gradient in `1 + power_iters` passes."""
     # Psi (the left test matrix) is twice as wide as the rank sought, k: the single-pass solve needs it
@@ -100,9 +101,9 @@ def sketched_singular_vectors(
         omega[n] = gaussian(m.in_features, min(2 * k, m.in_features) if power_iters else k, seed, n + ".omega",
                             m.weight.device)
         psi[n] = gaussian(m.out_features, min(2 * k, m.out_features), seed, n + ".psi", m.weight.device)
-    passes = [sketch_pass(model, layers, batches, omega, psi, progress)]
+    passes = [sketch_pass(model, layers, batches, omega, psi, progress, checkpointing)]
     for _ in range(power_iters):
         right = {n: orth(passes[-1][1][n]) for n in layers}  # row basis P from G^T Psi (then G^T Q)
         left = {n: orth(passes[-1][0][n]) for n in layers}  # column basis Q from G Omega (then G P)
-        passes.append(sketch_pass(model, layers, batches, right, left, progress))
+        passes.append(sketch_pass(model, layers, batches, right, left, progress, checkpointing))
     return top_vectors_from_sketches(layers, passes, (omega, psi), 2 * r)

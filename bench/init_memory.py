@@ -35,7 +35,8 @@ def child(spec: dict) -> dict:
     r = spec["r"]
     if spec["method"] == "qloraga":
         peft_model, stats = common.measure(lambda: common.qloraga_model(
-            model, batches, r=r, init_memory_gb=spec["init_memory_gb"], estimator=spec.get("estimator", "exact")))
+            model, batches, r=r, init_memory_gb=spec["init_memory_gb"], estimator=spec.get("estimator", "exact"),
+            gradient_checkpointing=spec.get("checkpointing", True)))
         stats["chunks"] = peft_model.qloraga_report.chunks
     elif spec["method"] == "peft_loraga":
         _, stats = common.measure(lambda: common.peft_loraga_model(model, batches, r=r))
@@ -43,6 +44,8 @@ def child(spec: dict) -> dict:
 
         def step() -> None:
             peft_model = common.plain_lora_model(model, r=r)
+            if spec.get("checkpointing"):
+                peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             common.train_step(peft_model, common.make_optimizer(common.trainable(peft_model), 1e-4), batches[0])
 
         _, stats = common.measure(step)
@@ -226,13 +229,19 @@ def plot_curves(out: Path, name: str, payload: dict) -> None:
 
 def run_tokens(args, spec, import_gb: float | None) -> dict:
     """(a) with one block per chunk, (a'') sketch, (b) and (c) against the tokens per batch: activations grow
-    with them in every method, while (a)'s accumulators do not."""
+    with them in every method, while (a)'s accumulators do not. (a), (a'') and (c) with and without
+    activation checkpointing (qloraga's init checkpoints by default; training a 7B needs it)."""
     shape, layers = args.curve_shape, 2 if args.tiny else 4
     block = block_gb(shape, layers)
     base = import_gb if import_gb is not None else run(spec("import", shape), args.curve_repeats)["peak_gb"]
     methods = {"(a) qloraga, 1 block per chunk": ("qloraga", {"init_memory_gb": 1.01 * block}),
+               "(a) no checkpointing": ("qloraga", {"init_memory_gb": 1.01 * block, "checkpointing": False}),
                "(a'') qloraga, sketch": ("qloraga", {"init_memory_gb": 4.0, "estimator": "sketch"}),
-               "(b) PEFT lora_ga bf16": ("peft_loraga", {}), "(c) QLoRA step": ("qlora_step", {})}
+               "(a'') no checkpointing": ("qloraga", {"init_memory_gb": 4.0, "estimator": "sketch",
+                                                      "checkpointing": False}),
+               "(b) PEFT lora_ga bf16": ("peft_loraga", {}),
+               "(c) QLoRA step": ("qlora_step", {}),
+               "(c) QLoRA step, checkpointing": ("qlora_step", {"checkpointing": True})}
     rows = []
     for tokens in [8, 16] if args.tiny else [16, 64, 256]:
         row: dict = {"tokens": tokens}
@@ -240,6 +249,8 @@ def run_tokens(args, spec, import_gb: float | None) -> dict:
             res = run(spec(method, shape, layers, seq_len=tokens, **extra), args.curve_repeats, args.tiny)
             row[name] = res["peak_gb"] - base
         row["(a)/(c)"] = row["(a) qloraga, 1 block per chunk"] / row["(c) QLoRA step"]
+        row["(a)/(c) both checkpointing"] = row["(a) qloraga, 1 block per chunk"] / row["(c) QLoRA step, checkpointing"]
+        row["(a'')/(c) both checkpointing"] = row["(a'') qloraga, sketch"] / row["(c) QLoRA step, checkpointing"]
         row["(a)/(b)"] = row["(a) qloraga, 1 block per chunk"] / row["(b) PEFT lora_ga bf16"]
         rows.append(row)
     print(f"\nPeak - import (GiB) against tokens per batch, shape {shape} x{layers} layers, median of "

@@ -22,14 +22,16 @@ import torch
 GOAL_GIB = 16.0
 
 
-def projection(config, seq_len: int, r: int, init_memory_gb: float, chunk_blocks: int | None) -> dict[str, dict]:
+def projection(config, seq_len: int, r: int, init_memory_gb: float, chunk_blocks: int | None,
+               checkpointing: bool = True) -> dict[str, dict]:
     """Analytic GPU memory (GiB) of each phase, by component: the weights, plus what the phase adds.
 
     NF4 with double quantization: 0.5 byte per weight plus ~1/64 byte of absmax; embeddings, head, norms bf16.
-    Init: the fp32 accumulators of one chunk, the activations that a backward to the chunk's first block keeps
-    (no checkpointing: qloraga's gradient pass runs the model in eval mode, so checkpointing is off; a
-    `Linear4bit` saves no input, so per token and block about 36 h + 6 i bytes: fp32 norms, RoPE, attention,
-    SiLU and product), 3 fp32 copies of the logits, and the exact SVD of the largest layer (U, S, Vt in fp32).
+    Init (exact estimator): the fp32 accumulators of one chunk; the activations a backward to the chunk's first
+    block keeps: without checkpointing every block's (a `Linear4bit` saves no input, so per token and block
+    about 36 h + 6 i bytes: fp32 norms, RoPE, attention, SiLU and product), with it the block inputs, one
+    block recomputed and the chunk's target inputs the hooks hold (2 (3 h + i) bytes per token and block);
+    3 fp32 copies of the logits, and the exact SVD of the largest layer (U, S, Vt in fp32).
     Train: LoRA weights, grads (fp32) and two 8-bit Adam states; the checkpointed block inputs; one block's
     activations during its recompute, with the inputs the 7 LoRA layers save; 3 fp32 copies of the logits.
     """
@@ -42,8 +44,12 @@ def projection(config, seq_len: int, r: int, init_memory_gb: float, chunk_blocks
     block_act = 36 * h + 6 * i
     weights = {"NF4 block linears": linear * (0.5 + 1 / 64),
                "bf16 embeddings, head, norms": 2 * (params["total"] - linear)}
-    init = {"fp32 accumulators (one chunk)": 4 * per_block * min(blocks, layers),
-            "activations (all blocks, no checkpointing)": seq_len * layers * block_act,
+    chunk = min(blocks, layers)
+    activations = {"checkpointed block inputs": seq_len * layers * 2 * h,
+                   "one block recomputed": seq_len * block_act,
+                   "chunk's target inputs held by the hooks": seq_len * chunk * 2 * (3 * h + i)} if checkpointing \
+        else {"activations (all blocks, no checkpointing)": seq_len * layers * block_act}
+    init = {"fp32 accumulators (one chunk)": 4 * per_block * chunk, **activations,
             "fp32 logits x3": 3 * 4 * seq_len * vocab, "exact SVD of the largest layer": 4 * (i * h + 2 * h * h)}
     train = {"LoRA weights + grads (fp32) + 8-bit Adam": lora * (4 + 4 + 2),
              "checkpointed block inputs": seq_len * layers * 2 * h,
@@ -102,7 +108,9 @@ def main() -> None:
                    help="randomized SVD with this many power iterations (PEFT's and the reference code's choice: 4) "
                         "instead of the library's exact SVD")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
+    p.add_argument("--no-init-checkpointing", action="store_true",
+                   help="initialise without activation checkpointing (the library's default is on)")
     args = p.parse_args()
     if args.tiny:
         args.shape, args.samples, args.seq_len, args.steps = "tiny", 2, 16, 2
@@ -132,7 +140,7 @@ def main() -> None:
     batches = common.random_batches(args.samples, 1, args.seq_len, config.vocab_size, seed=0)
     peft_model, phases["init"] = common.measure(lambda: common.qloraga_model(
         model, batches, r=args.r, init_memory_gb=args.init_memory_gb, chunk_blocks=args.chunk_blocks,
-        estimator=args.estimator, svd_niter=args.svd_niter))
+        estimator=args.estimator, svd_niter=args.svd_niter, gradient_checkpointing=not args.no_init_checkpointing))
     phases["init"]["chunks"] = peft_model.qloraga_report.chunks
     print(f"init: {phases['init']}", flush=True)
 
@@ -150,8 +158,9 @@ def main() -> None:
 
     if on_gpu:
         phases["svd"] = svd_seconds(config)
-    projected = projection(config, args.seq_len, args.r, args.init_memory_gb, args.chunk_blocks)
-    projected_7b = projection(common.llama_config("llama2-7b"), 1024, 16, 4.0, None)
+    init_checkpointing = not args.no_init_checkpointing
+    projected = projection(config, args.seq_len, args.r, args.init_memory_gb, args.chunk_blocks, init_checkpointing)
+    projected_7b = projection(common.llama_config("llama2-7b"), 1024, 16, 4.0, None, init_checkpointing)
     rows = []
     for phase in ["load", "init", "train"]:
         res = phases[phase]
@@ -173,7 +182,8 @@ def main() -> None:
     payload = {"shape": args.shape, "layers": config.num_hidden_layers, "params": params, "samples": args.samples,
                "seq_len": args.seq_len, "r": args.r, "init_memory_gb": args.init_memory_gb, "steps": args.steps,
                "estimator": args.estimator, "svd_niter": args.svd_niter,
-               "checkpointing": not args.no_checkpointing, "memory_kind": kind, "phases": phases, "rows": rows,
+               "checkpointing": not args.no_checkpointing, "init_checkpointing": init_checkpointing,
+               "memory_kind": kind, "phases": phases, "rows": rows,
                "projection_this_shape": projected, "projection_llama2_7b": projected_7b,
                "projection_note": "analytic, not measured: see projection() in bench/llama7b.py",
                "measured_on": "gpu" if on_gpu else "cpu"}

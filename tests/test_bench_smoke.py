@@ -19,6 +19,7 @@ SCRIPTS = {  # script: the JSON files its --tiny run writes
     "throughput.py": ["throughput_tiny.json"],
     "convergence.py": ["convergence_reverse_tiny.json"],
     "llama7b.py": ["llama7b_tiny.json"],
+    "forward_ab.py": ["forward_ab_tiny.json"],
 }
 RUNNER = """
 import runpy, sys

@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from tqdm.auto import tqdm
 
 from qloraga.targets import block_index, decoder_blocks
@@ -92,9 +92,16 @@ def gradient_pass(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+class Rerun:
+    """Whether a checkpointed block is re-running its forward in the backward pass (to rebuild activations)."""
+
+    active = False
+
+
 @contextmanager
-def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
-    """Run every decoder block under non-reentrant activation checkpointing; restores the blocks afterwards.
+def checkpointed_blocks(model: nn.Module, rerun: Rerun) -> Iterator[None]:
+    """Run every decoder block under non-reentrant activation checkpointing, with `rerun.active` set while a
+    block re-runs its forward; restores the blocks afterwards.
 
     Our own wrapper rather than transformers' `gradient_checkpointing_enable`, which only acts in training
     mode (dropout on) and not on every model class.
@@ -102,7 +109,7 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
     _, blocks = decoder_blocks(model)
     saved = [block.__dict__.get("forward") for block in blocks]  # an instance-level forward (e.g. a hook)
     for block in blocks:
-        block.forward = _checkpointed(block.forward)
+        block.forward = _checkpointed(block.forward, rerun)
     try:
         yield
     finally:
@@ -112,18 +119,68 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
                 block.forward = forward
 
 
-def _checkpointed(forward: Callable) -> Callable:
+def _checkpointed(forward: Callable, rerun: Rerun) -> Callable:
     def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        calls = 0
+
+        def once_then_flagged(*a, **k):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return forward(*a, **k)
+            rerun.active = True
+            try:
+                return forward(*a, **k)
+            finally:
+                rerun.active = False
+
+        with set_checkpoint_early_stop(False):  # re-run the whole block: every target layer sees its input
+            return checkpoint(once_then_flagged, *args, use_reentrant=False, **kwargs)
 
     return run
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+class Pairs:
+    """Brings each target layer's input `x` and output gradient `delta` together, in whichever order they come.
+
+    Without checkpointing, `x` comes in the forward pass and waits for `delta`. With it, `x` is taken when
+    the block re-runs in the backward pass, so only the block being back-propagated holds its layers'
+    inputs; a `delta` may then come first (e.g. `down_proj`'s, whose gradient needs no saved tensor).
+    """
+
+    def __init__(self, on_pair: PairHook) -> None:
+        self.on_pair = on_pair
+        self.x: dict[str, torch.Tensor] = {}
+        self.delta: dict[str, torch.Tensor] = {}
+
+    def add_x(self, name: str, x: torch.Tensor) -> None:
+        if name in self.delta:
+            self.emit(name, x, self.delta.pop(name))
+        else:
+            self.x[name] = x
+
+    def add_delta(self, name: str, delta: torch.Tensor) -> None:
+        if name in self.x:
+            self.emit(name, self.x.pop(name), delta)
+        else:
+            self.delta[name] = delta
+
+    def emit(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        self.on_pair(name, x.reshape(-1, x.shape[-1]).float(), delta.reshape(-1, delta.shape[-1]).float())
+
+    def check_complete(self) -> None:
+        """After a backward pass: every layer that got a gradient also got its input (and vice versa)."""
+        if self.delta:
+            raise RuntimeError(f"No recomputed input reached layers {sorted(self.delta)[:3]} in the backward "
+                               "pass; set gradient_checkpointing=False in QLoraGAConfig for this model.")
+        self.x.clear()  # inputs of layers the loss does not depend on
 
 
 PairHook = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
 
 
 def backward_pass(
@@ -148,14 +205,20 @@ def backward_pass(
             return (args[0].detach().requires_grad_(True), *args[1:])
         return None
 
+    pairs = Pairs(on_pair)
+    blocks_name, _ = decoder_blocks(model)
+    rerun = Rerun()
+
     def make_hook(name: str):
+        deferred = checkpointing and block_index(name, blocks_name) is not None  # x taken at the re-run
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-
-            def on_grad(delta: torch.Tensor) -> None:
-                on_pair(name, x.reshape(-1, x.shape[-1]).float(), delta.reshape(-1, delta.shape[-1]).float())
-
-            output.register_hook(on_grad)
+            if deferred and rerun.active:
+                pairs.add_x(name, args[0].detach())
+                return
+            output.register_hook(lambda delta: pairs.add_delta(name, delta))
+            if not deferred:
+                pairs.add_x(name, args[0].detach())
 
         return hook
 
@@ -165,7 +228,7 @@ def backward_pass(
         handles.append(module.register_forward_hook(make_hook(name)))
     n_batches = 0
     try:
-        with gradient_pass(model), checkpointed_blocks(model) if checkpointing else nullcontext():
+        with gradient_pass(model), checkpointed_blocks(model, rerun) if checkpointing else nullcontext():
             for batch in batches:
                 inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss = model(**inputs, use_cache=False).loss
@@ -173,6 +236,7 @@ def backward_pass(
                     raise FloatingPointError(f"The loss of gradient batch {n_batches} is {loss.item()}: check "
                                              "the data (every label masked?) and the model.")
                 loss.backward()
+                pairs.check_complete()
                 n_batches += 1
                 if progress is not None:
                     progress.update(1)

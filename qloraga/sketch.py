@@ -58,24 +58,25 @@ def sketch_pass(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterabl
 
 def top_vectors_from_sketches(
     layers: dict[str, nn.Linear],
-    passes: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
-    tests: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
     k: int,
+    psi: dict[str, torch.Tensor] | None = None,
+    right: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`(U[:, :k], Vt[:k], |sketch|)` per layer from the sketches of the passes made so far (the norm is 0 for
-    a layer with no gradient and NaN for a non-finite one)."""
+    """`(U[:, :k], Vt[:k], |sketch|)` per layer from the last pass's sums: after a single pass with `psi`, the
+    left test matrices; after power iterations with `right`, the row bases the last pass multiplied by (the
+    norm is 0 for a layer with no gradient and NaN for a non-finite one)."""
     out = {}
     for name in layers:
-        y, z = passes[-1][0][name], passes[-1][1][name]
-        if len(passes) == 1:  # single pass: G ~ Q X with X solving (Psi^T Q) X = Z^T
+        y, z = sums[0][name], sums[1][name]
+        if right is None:  # single pass: G ~ Q X with X solving (Psi^T Q) X = Z^T
             q = orth(y)
-            x = torch.linalg.lstsq(tests[1][name].T @ q, z.T).solution
+            x = torch.linalg.lstsq(psi[name].T @ q, z.T).solution
             u_small, _, vt = torch.linalg.svd(x, full_matrices=False)
             u = q @ u_small
-        else:  # G ~ (G P) P^T with P the row basis the last pass multiplied by
-            p = orth(passes[-2][1][name])
+        else:  # G ~ (G P) P^T
             u, _, vt_small = torch.linalg.svd(y, full_matrices=False)
-            vt = vt_small @ p.T
+            vt = vt_small @ right[name].T
         out[name] = (*fix_signs(u[:, :k], vt[:k]), y.norm())
     return out
 
@@ -101,9 +102,13 @@ def sketched_singular_vectors(
         omega[n] = gaussian(m.in_features, min(2 * k, m.in_features) if power_iters else k, seed, n + ".omega",
                             m.weight.device)
         psi[n] = gaussian(m.out_features, min(2 * k, m.out_features), seed, n + ".psi", m.weight.device)
-    passes = [sketch_pass(model, layers, batches, omega, psi, progress, checkpointing)]
+    sums = sketch_pass(model, layers, batches, omega, psi, progress, checkpointing)
+    right = None
     for _ in range(power_iters):
-        right = {n: orth(passes[-1][1][n]) for n in layers}  # row basis P from G^T Psi (then G^T Q)
-        left = {n: orth(passes[-1][0][n]) for n in layers}  # column basis Q from G Omega (then G P)
-        passes.append(sketch_pass(model, layers, batches, right, left, progress, checkpointing))
-    return top_vectors_from_sketches(layers, passes, (omega, psi), 2 * r)
+        omega = psi = None  # only a single-pass solve needs the test matrices: free them
+        right = {n: orth(sums[1][n]) for n in layers}  # row basis P from G^T Psi (then G^T Q)
+        left = {n: orth(sums[0][n]) for n in layers}  # column basis Q from G Omega (then G P)
+        sums = None  # before the next pass allocates its own
+        sums = sketch_pass(model, layers, batches, right, left, progress, checkpointing)
+        del left
+    return top_vectors_from_sketches(layers, sums, 2 * r, psi=psi, right=right)

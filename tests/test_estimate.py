@@ -8,9 +8,9 @@ from conftest import make_batches, rel
 from reference import autograd_grads, dequantized_fp32_copy
 
 from qloraga import QLoraGAConfig, load_model
-from qloraga.estimate import accumulate_chunk, plan_chunks
+from qloraga.estimate import Pairs, accumulate_chunk, plan_chunks
 from qloraga.initialization import lora_ga_init
-from qloraga.targets import find_target_layers
+from qloraga.targets import block_index, decoder_blocks, find_target_layers
 
 
 def estimated(model, batches, chunk_blocks=None, init_memory_gb=4.0, checkpointing=False):
@@ -99,3 +99,37 @@ def test_padding_tokens_do_not_contribute(tiny_model_dir):
     gb, _ = estimated(model, b)
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointed_pass_holds_one_blocks_inputs_at_a_time(tiny_model_dir, monkeypatch):
+    """With checkpointing, a layer's input is taken when its block re-runs in the backward pass, so the
+    inputs waiting for their gradient all belong to one block (without it, to every block of the chunk)."""
+    model = load_model(tiny_model_dir("llama"), dtype=torch.float32)
+    blocks_name, _ = decoder_blocks(model)
+    waiting: list[set[int]] = []
+    add_x = Pairs.add_x
+
+    def spy(self, name, x):
+        add_x(self, name, x)
+        waiting.append({block_index(n, blocks_name) for n in self.x})
+
+    monkeypatch.setattr(Pairs, "add_x", spy)
+    for checkpointing, most in [(True, 1), (False, 2)]:
+        waiting.clear()
+        estimated(model, make_batches(n_batches=1), checkpointing=checkpointing)
+        assert max(len(blocks) for blocks in waiting) == most
+
+
+def test_pairs_match_input_and_gradient_in_either_order():
+    seen = []
+    pairs = Pairs(lambda name, x, delta: seen.append((name, x.shape, delta.shape)))
+    pairs.add_x("a", torch.ones(2, 3, 4))
+    pairs.add_delta("b", torch.ones(6, 5))
+    pairs.add_delta("a", torch.ones(2, 3, 5))
+    pairs.add_x("b", torch.ones(6, 4))
+    assert seen == [("a", (6, 4), (6, 5)), ("b", (6, 4), (6, 5))]
+    pairs.add_x("unused", torch.ones(1, 4))  # a layer the loss does not reach: dropped, no error
+    pairs.check_complete()
+    pairs.add_delta("c", torch.ones(1, 5))
+    with pytest.raises(RuntimeError, match="gradient_checkpointing=False"):
+        pairs.check_complete()

@@ -6,6 +6,9 @@ The paper's formulas (shared ALGORITHM.md section 2), not PEFT's: singular value
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from qloraga.config import DIRECTIONS, SCALES, check_choice
@@ -20,9 +23,23 @@ def top_singular_vectors(
         u, _, vt = torch.linalg.svd(g, full_matrices=False)
         u, vt = u[:, :k], vt[:k]
     else:
-        u, _, v = torch.svd_lowrank(g, q=min(2 * k, min(g.shape)), niter=svd_niter)
+        with seeded_rng(g.device):
+            u, _, v = torch.svd_lowrank(g, q=min(2 * k, min(g.shape)), niter=svd_niter)
         u, vt = u[:, :k], v[:, :k].T
     return fix_signs(u, vt)
+
+
+@contextmanager
+def seeded_rng(device: torch.device, seed: int = 0) -> Iterator[None]:
+    """`torch.svd_lowrank` draws its test matrix from the global RNG: seed it for the call and restore it,
+    so the factors depend on the gradient alone (not on chunking, resuming or what ran before) and the
+    training's random stream is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        yield
 
 
 def fix_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

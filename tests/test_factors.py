@@ -144,3 +144,19 @@ def test_bad_options_raise_with_the_fix(kwargs, message):
 def test_rank_too_large_names_the_limit():
     with pytest.raises(ValueError, match="r <= 24"):
         lora_ga_factors(decaying_grad().float(), 25)
+
+
+def test_randomized_svd_depends_on_the_gradient_alone_and_leaves_the_rng_alone():
+    """svd_niter factors are the same whatever the global RNG did before, and the RNG stream is untouched
+    (a resumed or differently chunked run must reproduce a straight one to the bit)."""
+    grad = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    a = lora_ga_factors(grad, r=4, svd_niter=4)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    torch.rand(7)  # something else consumed random numbers first
+    b = lora_ga_factors(grad, r=4, svd_niter=4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    torch.manual_seed(123)
+    lora_ga_factors(grad, r=4, svd_niter=4)
+    assert torch.equal(torch.rand(3), expected_next)

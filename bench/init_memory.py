@@ -243,7 +243,7 @@ def run_tokens(args, spec, import_gb: float | None) -> dict:
                "(c) QLoRA step": ("qlora_step", {}),
                "(c) QLoRA step, checkpointing": ("qlora_step", {"checkpointing": True})}
     rows = []
-    for tokens in [8, 16] if args.tiny else [16, 64, 256]:
+    for tokens in [8, 16] if args.tiny else [16, 256, 1024]:
         row: dict = {"tokens": tokens}
         for name, (method, extra) in methods.items():
             res = run(spec(method, shape, layers, seq_len=tokens, **extra), args.curve_repeats, args.tiny)

@@ -140,6 +140,9 @@ def _checkpointed(forward: Callable, rerun: Rerun) -> Callable:
     return run
 
 
+PairHook = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
 class Pairs:
     """Brings each target layer's input `x` and output gradient `delta` together, in whichever order they come.
 
@@ -174,9 +177,6 @@ class Pairs:
             raise RuntimeError(f"No recomputed input reached layers {sorted(self.delta)[:3]} in the backward "
                                "pass; set gradient_checkpointing=False in QLoraGAConfig for this model.")
         self.x.clear()  # inputs of layers the loss does not depend on
-
-
-PairHook = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -162,12 +162,12 @@ def evaluate(model, examples: list[Example], pad_id: int, batch_size: int = 100)
     return total_loss / tokens, correct / len(examples)
 
 
-def build(method: str, task: Task, grad_batches: list[dict], r: int, dtype: torch.dtype):
+def build(method: str, task: Task, grad_batches: list[dict], r: int, dtype: torch.dtype, stable_gamma: float = 16.0):
     """The model to train, with the given method's initialisation: (model, parameters to train, autocast)."""
     bits, init, adapter_dtype = METHODS[method]
     model = common.load(task.model_dir, four_bit=bits == 4, dtype=dtype)
     if init in ("qloraga", "qloraga_sketch"):
-        model = common.qloraga_model(model, grad_batches, r=r, adapter_dtype=adapter_dtype,
+        model = common.qloraga_model(model, grad_batches, r=r, adapter_dtype=adapter_dtype, stable_gamma=stable_gamma,
                                      estimator="sketch" if init == "qloraga_sketch" else "exact")
     elif init == "peft_loraga":
         model = common.peft_loraga_model(model, grad_batches, r=r)
@@ -200,7 +200,8 @@ def train_run(task: Task, method: str, lr: float, seed: int, args) -> dict:
     grad_batches = [collate(rng.sample(task.train, args.batch_size), task.pad_id) for _ in range(args.grad_batches)]
     order = [collate(rng.sample(task.train, args.batch_size), task.pad_id) for _ in range(args.steps)]
     start = time.perf_counter()
-    model, params, autocast = build(method, task, grad_batches, args.r, getattr(torch, args.dtype))
+    model, params, autocast = build(method, task, grad_batches, args.r, getattr(torch, args.dtype),
+                                    args.stable_gamma)
     init_s = time.perf_counter() - start
     optimizer = common.make_optimizer(params, lr)
     curve: dict[str, list] = {"step": [], "test_loss": [], "test_acc": [], "train_loss": []}
@@ -283,6 +284,7 @@ def main() -> None:
     p.add_argument("--grad-batches", type=int, default=8, help="LoRA-GA gradient batches (x batch size samples)")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--r", type=int, default=8)
+    p.add_argument("--stable-gamma", type=float, default=16.0, help="qloraga's stable_gamma (the paper's 16)")
     p.add_argument("--pretrain-steps", type=int, default=1500, help="pretraining steps of the reverse base")
     p.add_argument("--eval-examples", type=int, default=None, help="at most this many val and test examples")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -312,7 +314,8 @@ def main() -> None:
                                   "acc max", "steps to LoRA final", "x LoRA's steps", "load+init s", "train+eval s"]))
         payload = {"task": name, "methods": args.methods, "lrs": args.lrs, "seeds": args.seeds, "steps": args.steps,
                    "batch_size": args.batch_size, "grad_batches": args.grad_batches, "r": args.r,
-                   "eval_every": args.eval_every, "dtype": args.dtype, "chosen": chosen, "rows": rows,
+                   "eval_every": args.eval_every, "dtype": args.dtype, "stable_gamma": args.stable_gamma,
+                   "chosen": chosen, "rows": rows,
                    "grid": grid_rows, "base": str(task.model_dir.relative_to(ROOT)),
                    "base_sha256": common.sha256(task.model_dir / "model.safetensors"), "runs": runs}
         print(f"\nwrote {common.save(args.out, f'convergence_{name}{suffix}', payload)}")

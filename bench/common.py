@@ -359,6 +359,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+# -------------------------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds `fn()` takes, its GPU work included (synchronizes before and after)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def rotated(names: list[str], i: int) -> list[str]:
+    """The order of round `i` when configurations take turns: `names` started at entry `i` (mod its length)."""
+    return names[i % len(names):] + names[:i % len(names)]
+
+
 # -------------------------------------------------------------------------------------------- results
 
 

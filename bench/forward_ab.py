@@ -10,7 +10,6 @@ Meant for a GPU: `python bench/forward_ab.py --seq-len 4096`.
 from __future__ import annotations
 
 import statistics
-import time
 
 import common
 import torch
@@ -37,9 +36,8 @@ def main() -> None:
     shape, tokens, layers = "llama2-7b", args.seq_len, args.layers
     if args.tiny:
         shape, tokens, layers, args.repeats = "tiny", 8, 2, 1
-    cuda = torch.cuda.is_available()
     config = common.llama_config(shape, layers)
-    path = str(common.random_model(shape, layers, device="cuda" if cuda else "cpu"))
+    path = str(common.random_model(shape, layers, device="cuda" if torch.cuda.is_available() else "cpu"))
     batches = common.random_batches(3, 1, tokens, config.vocab_size, seed=1)
     current = ResidualCorrection.forward
     models = {}
@@ -55,20 +53,14 @@ def main() -> None:
         model, optimizer, forward = models[name]
         if forward is not None:
             ResidualCorrection.forward = staticmethod(forward)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for k in range(n):
-            common.train_step(model, optimizer, batches[k % len(batches)])
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / n
+        return common.timed(lambda: [common.train_step(model, optimizer, batches[k % len(batches)])
+                                     for k in range(n)]) / n
 
     for name in models:  # warm-up
         steps(name, 1)
     names, rounds = list(models), []
     for i in range(args.repeats):
-        rounds.append({n: steps(n, 3) for n in names[i % len(names):] + names[:i % len(names)]})
+        rounds.append({n: steps(n, 3) for n in common.rotated(names, i)})
         print({k: round(v * 1e3, 1) for k, v in rounds[-1].items()}, flush=True)
     for dtype in ["bfloat16", "float32"]:
         for version in ["old", "new"]:

@@ -10,21 +10,12 @@ process, in a rotated order; ratios are taken within a round, and the tables quo
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import common
 import torch
 
 SCRIPT = Path(__file__).resolve()
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def configs(layers: int, batches: int) -> dict[str, dict]:
@@ -51,14 +42,15 @@ def child(spec: dict) -> dict:
         model = common.load(spec["model"], four_bit=run["kind"] != "peft_loraga", dtype=dtype)
         common.touch(model, batches[0])
         if run["kind"] == "peft_loraga":
-            seconds[name] = timed(lambda m=model: common.peft_loraga_model(m, batches, r=r))
+            seconds[name] = common.timed(lambda m=model: common.peft_loraga_model(m, batches, r=r))
         elif run["kind"] == "steps":
             peft_model = common.plain_lora_model(model, r=r)
             optimizer = common.make_optimizer(common.trainable(peft_model), 1e-4)
-            seconds[name] = timed(lambda m=peft_model, o=optimizer: [common.train_step(m, o, b) for b in batches])
+            seconds[name] = common.timed(lambda m=peft_model, o=optimizer: [common.train_step(m, o, b)
+                                                                            for b in batches])
         else:
             blocks, niter, estimator = spec["layers"] // run["chunks"], run["svd_niter"], run.get("estimator", "exact")
-            seconds[name] = timed(lambda m=model, k=blocks, n=niter, e=estimator: common.qloraga_model(
+            seconds[name] = common.timed(lambda m=model, k=blocks, n=niter, e=estimator: common.qloraga_model(
                 m, batches, r=r, chunk_blocks=k, svd_niter=n, estimator=e))
         del model
         common.release_memory()
@@ -115,7 +107,7 @@ def main() -> None:
             "vocab": config.vocab_size, "dtype": args.dtype}
     rounds = []
     for i in range(args.repeats):
-        order = names[i % len(names):] + names[:i % len(names)]
+        order = common.rotated(names, i)
         rounds.append(common.run_child(SCRIPT, {**spec, "order": order}, child if args.tiny else None))
         print(f"round {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.1f}s" for k, v in rounds[-1].items()))
 

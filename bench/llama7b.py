@@ -66,16 +66,7 @@ def svd_seconds(config, device: str = "cuda", repeats: int = 1) -> dict[str, dic
     """Seconds of one layer's exact SVD (the library default) and of the randomized one (niter=4, rank 32) on
     this device, per distinct target shape: what the SVD step of the init costs, without running it again."""
     def timed(fn) -> float:
-        runs = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            runs.append(time.perf_counter() - start)
-        return common.median(runs)
+        return common.median([common.timed(fn) for _ in range(repeats)])
 
     small = torch.randn(256, 256, device=device)
     torch.linalg.svd(small), torch.svd_lowrank(small, q=32, niter=4)  # solver handles and kernels loaded

@@ -8,8 +8,6 @@ each, in a rotated order; the ratio qloraga / plain tokens/s is taken per round.
 
 from __future__ import annotations
 
-import time
-
 import common
 import torch
 
@@ -61,14 +59,10 @@ def main() -> None:
     rounds = []
     for i in range(args.repeats):
         seconds = {}
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in common.rotated(names, i):
             model, optimizer = models[name]
-            start = time.perf_counter()
-            for s in range(args.steps):
-                common.train_step(model, optimizer, batches[s % len(batches)])
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds[name] = (time.perf_counter() - start) / args.steps
+            seconds[name] = common.timed(lambda m=model, o=optimizer: [
+                common.train_step(m, o, batches[s % len(batches)]) for s in range(args.steps)]) / args.steps
         rounds.append(seconds)
         print(f"round {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.2f}s/step" for k, v in seconds.items()))
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import common
 import torch
 
+from qloraga import QLoraGAConfig
+
 ROOT = common.BENCH.parent
 DEMO = ROOT / "qloraga" / "demo"
 METHODS = {  # name: (bits, init, adapter dtype)
@@ -162,7 +164,7 @@ def evaluate(model, examples: list[Example], pad_id: int, batch_size: int = 100)
     return total_loss / tokens, correct / len(examples)
 
 
-def build(method: str, task: Task, grad_batches: list[dict], r: int, dtype: torch.dtype, stable_gamma: float = 16.0):
+def build(method: str, task: Task, grad_batches: list[dict], r: int, dtype: torch.dtype, stable_gamma: float):
     """The model to train, with the given method's initialisation: (model, parameters to train, autocast)."""
     bits, init, adapter_dtype = METHODS[method]
     model = common.load(task.model_dir, four_bit=bits == 4, dtype=dtype)
@@ -284,7 +286,8 @@ def main() -> None:
     p.add_argument("--grad-batches", type=int, default=8, help="LoRA-GA gradient batches (x batch size samples)")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--r", type=int, default=8)
-    p.add_argument("--stable-gamma", type=float, default=16.0, help="qloraga's stable_gamma (the paper's 16)")
+    p.add_argument("--stable-gamma", type=float, default=QLoraGAConfig.stable_gamma,
+                   help="qloraga's stable_gamma (default: the library's, the paper's 16)")
     p.add_argument("--pretrain-steps", type=int, default=1500, help="pretraining steps of the reverse base")
     p.add_argument("--eval-examples", type=int, default=None, help="at most this many val and test examples")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

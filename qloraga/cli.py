@@ -75,8 +75,10 @@ def model_type(model: str) -> str | None:
     """The model's `model_type`, read from its config without loading weights."""
     from transformers import AutoConfig
 
+    from qloraga.loading import model_source
+
     try:
-        return AutoConfig.from_pretrained(model).model_type
+        return AutoConfig.from_pretrained(model_source(model)).model_type  # a .gguf: its converted folder
     except (OSError, ValueError):
         return None
 

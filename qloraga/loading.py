@@ -7,7 +7,11 @@ kernel (shared ALGORITHM.md section 5). Every model that passes through qloraga 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +27,8 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from qloraga.io import atomic_dir
 
 
 def nf4_config(compute_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype = torch.uint8
@@ -59,17 +65,103 @@ def looks_like_path(name_or_path: str) -> bool:
 
 
 def model_source(name_or_path: str | os.PathLike) -> str:
-    """A hub name as it is, or a local model folder checked to exist and to hold a config.json."""
+    """A hub name as it is, or a local model folder checked to exist and to hold a config.json.
+
+    A `.gguf` file, or a folder holding exactly one `.gguf` and no config.json, becomes the model folder
+    it converts to (dequantized, bf16; once, then cached: see `gguf_model_folder`).
+    """
     name = str(name_or_path)
     if not looks_like_path(name):
         return name
     path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"Model path {name!r} does not exist: give a folder made by save_pretrained "
-                                "(with config.json) or a hub name.")
+                                "(with config.json), a .gguf file or a hub name.")
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return str(gguf_model_folder(gguf))
     if not (path / "config.json").exists():
-        raise ValueError(f"{name!r} has no config.json: it is not a transformers model folder.")
+        raise ValueError(f"{name!r} has no config.json (nor a .gguf file): it is not a transformers model folder.")
     return str(path)
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` names: itself, or the only `.gguf` of a folder that has no config.json."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(found) > 1:
+        raise ValueError(f"{str(path)!r} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}): "
+                         "give the path of the one to load, e.g. --model " + str(found[0]))
+    return found[0] if found else None
+
+
+def gguf_cache_dir() -> Path:
+    """Where converted GGUF files live: `$QLORAGA_CACHE/gguf`, by default `~/.cache/qloraga/gguf`."""
+    return Path(os.environ.get("QLORAGA_CACHE") or "~/.cache/qloraga").expanduser() / "gguf"
+
+
+def gguf_model_folder(file: str | os.PathLike) -> Path:
+    """The model folder a GGUF file converts to, converting it the first time.
+
+    The folder is named after the file's stem and a hash of its absolute path, size and mtime, so an
+    edited or replaced file converts again. It is written to a temporary folder and renamed, under a
+    lock, so an interrupted conversion leaves nothing and concurrent processes convert once.
+    """
+    file = Path(file).expanduser().resolve()
+    stat = file.stat()
+    key = hashlib.sha256(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = gguf_cache_dir() / f"{file.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"Loading {str(file)!r} needs the gguf package for transformers' GGUF reader: "
+                         "pip install 'gguf>=0.10,<1' (or pip install 'qloraga[real]').")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if not (target / "config.json").exists():  # another process may have converted it meanwhile
+            print(f"[qloraga] converting {file} to a transformers model folder (dequantized, bf16), once; "
+                  f"cached in {target} (set QLORAGA_CACHE to move the cache)", file=sys.stderr)
+            with atomic_dir(target) as tmp:
+                convert_gguf(file, tmp)
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, a concurrent conversion just does the work twice
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_gguf(file: Path, out: str | os.PathLike) -> None:
+    """Dequantize a GGUF checkpoint with transformers' loader; save model and tokenizer to `out` (bf16)."""
+    import transformers
+    from transformers import AutoTokenizer, GgufConfig
+
+    folder, name = str(file.parent), file.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.bfloat16,
+            quantization_config=GgufConfig(gguf_file=name, dequantize=True))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, NotImplementedError, KeyError) as exc:
+        raise ValueError(f"transformers {transformers.__version__} cannot load the GGUF file {str(file)!r} "
+                         f"({type(exc).__name__}: {exc}). Give the model's original transformers folder or "
+                         "hub name instead (GGUF support depends on the architecture and the transformers "
+                         "version).") from exc
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def causal_lm_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> PretrainedConfig:

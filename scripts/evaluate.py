@@ -15,13 +15,13 @@ from transformers import AutoTokenizer
 
 from qloraga.data import Collator, DataError, prepare_tokenizer, read_records, tokenize
 from qloraga.evaluation import exact_match, held_out_loss
-from qloraga.loading import load_model
+from qloraga.loading import load_model, model_source
 from qloraga.recipe import DEMO_EVAL, DEMO_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEMO_MODEL), help="base model folder or hub name (default: the demo)")
+    p.add_argument("--model", default=str(DEMO_MODEL), help="base model folder, .gguf or hub name (default: the demo)")
     p.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter); none scores the base alone")
     p.add_argument("--dataset", default=str(DEMO_EVAL), help="JSON/JSONL/CSV/Parquet file or hub name")
     p.add_argument("--dataset-format", default="auto", help="auto, alpaca, messages, prompt-completion or text")
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=200, help="samples scored by exact match")
     args = p.parse_args(argv)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.adapter or model_source(args.model))
         prepare_tokenizer(tokenizer)
         records = read_records(args.dataset)
         examples, _ = tokenize(records, args.dataset_format, tokenizer, args.seq_len)

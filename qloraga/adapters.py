@@ -73,8 +73,9 @@ class ResidualCorrection(LoraVariant):
         return result + (delta * module.scaling[active_adapter]).to(result.dtype)
 
 
-def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: torch.dtype) -> None:
-    """Start the trainable adapter at (A0, B0) and keep the same bits as the frozen correction."""
+def start_adapter(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the trainable adapter to (A0, B0) in `dtype`; returns the values as set."""
     device = layer.lora_A[ADAPTER].weight.device
     a0, b0 = a0.to(device=device, dtype=dtype), b0.to(device=device, dtype=dtype)
     layer.lora_A[ADAPTER].to(dtype)
@@ -82,6 +83,12 @@ def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtyp
     with torch.no_grad():
         layer.lora_A[ADAPTER].weight.copy_(a0)
         layer.lora_B[ADAPTER].weight.copy_(b0)
+    return a0, b0
+
+
+def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: torch.dtype) -> None:
+    """Start the trainable adapter at (A0, B0) and keep the same bits as the frozen correction."""
+    a0, b0 = start_adapter(layer, a0, b0, dtype)
     layer.register_buffer("qloraga_A0", a0.clone())
     layer.register_buffer("qloraga_B0", b0.clone())
     layer.lora_variant[ADAPTER] = ResidualCorrection()
@@ -101,16 +108,18 @@ def check_batches(batches: Iterable[dict]) -> None:
                          "chunk of decoder blocks makes one pass over it.")
 
 
-def check_rank(targets: dict[str, nn.Linear], r: int) -> None:
+def check_target_rank(targets: dict[str, nn.Linear], r: int, directions: int) -> None:
+    """`directions` singular directions (2r for LoRA-GA, r for LoRA-One or plain LoRA) must fit every target."""
     smallest = min(min(m.out_features, m.in_features) for m in targets.values())
-    if 2 * r > smallest:
+    if directions > smallest:
         name = min(targets, key=lambda n: min(targets[n].out_features, targets[n].in_features))
-        raise ValueError(f"r={r} is too large: LoRA-GA uses 2r singular directions and the smallest target "
-                         f"dimension is {smallest} ({name}). Use r <= {smallest // 2}.")
+        raise ValueError(f"r={r} is too large: the init uses {directions} singular directions and the smallest "
+                         f"target dimension is {smallest} ({name}). Use r <= {smallest * r // directions}.")
 
 
 def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig) -> PeftModel:
-    """A PEFT model whose adapter "default" starts at the given factors, with the correction attached."""
+    """A PEFT model whose adapter "default" starts at the given factors: with the frozen correction for
+    LoRA-GA (step 0 = the base), without it for LoRA-One (step 0 = the base plus the initial product)."""
     peft_config = LoraConfig(
         r=config.r,
         lora_alpha=config.lora_alpha,
@@ -122,21 +131,26 @@ def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig) -> 
     peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
     base = peft_model.get_base_model()
     for name, (a0, b0) in factors.items():
-        attach_correction(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
+        if config.method == "lora-one":
+            start_adapter(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
+        else:
+            attach_correction(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
     return peft_model
 
 
 def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable[dict]) -> PeftModel:
-    """LoRA-GA on `model` (4-bit or not): estimate the gradient on `batches`, factorise, wire PEFT adapters.
+    """LoRA-GA (or LoRA-One, `config.method`) on `model` (4-bit or not): estimate the gradient on `batches`,
+    factorise, wire PEFT adapters.
 
     `batches` is re-iterable (list or DataLoader) of dicts with `input_ids`, `attention_mask`, `labels`.
-    The returned model computes exactly what `model` computed, until it is trained. Its
-    `qloraga_report` attribute says how the initialisation went.
+    With LoRA-GA the returned model computes exactly what `model` computed, until it is trained; with
+    LoRA-One it starts one scaled rank-r gradient step away. Its `qloraga_report` attribute says how the
+    initialisation went.
     """
     config.validate()
     check_batches(batches)
     targets = find_target_layers(model, config.target_modules)
-    check_rank(targets, config.r)
+    check_target_rank(targets, config.r, config.r if config.method == "lora-one" else 2 * config.r)
     disable_cpu_repacking(model)
     factors, report = lora_ga_init(model, targets, batches, config)
     peft_model = wire_adapters(model, factors, config)
@@ -148,7 +162,7 @@ def get_lora_model(model: nn.Module, config: QLoraGAConfig) -> PeftModel:
     """Plain LoRA (PEFT's default init, B=0) on the same targets: the baseline LoRA-GA is compared with."""
     config.validate()
     targets = find_target_layers(model, config.target_modules)
-    check_rank(targets, config.r)
+    check_target_rank(targets, config.r, config.r)
     disable_cpu_repacking(model)
     peft_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=sorted(targets),
                              lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")

@@ -12,7 +12,9 @@ import torch
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weight_svd")
 ESTIMATORS = ("exact", "sketch")
-INITS = ("lora-ga", "lora")
+METHODS = ("lora-ga", "lora-one")  # gradient-aligned inits the library computes
+INITS = (*METHODS, "lora")  # what a run can start from (lora: PEFT's plain B = 0)
+SCALED_OPTIMIZERS = ("scaled_adamw", "scaled_sgd")  # Riemannian-preconditioned (qloraga/optim.py)
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -73,6 +75,7 @@ class QLoraGAConfig:
 
     r: int = 8
     lora_alpha: float = 16.0
+    method: str = "lora-ga"  # or "lora-one": no correction, step 0 carries a scaled rank-r gradient step
     target_modules: list[str] | None = None
     lora_dropout: float = 0.0
     direction: str = "ArB2r"
@@ -101,6 +104,7 @@ class QLoraGAConfig:
         return ADAPTER_DTYPES[self.adapter_dtype]
 
     def validate(self) -> QLoraGAConfig:
+        check_choice("method", self.method, METHODS)
         check_choice("direction", self.direction, DIRECTIONS)
         check_choice("scale", self.scale, SCALES)
         check_choice("adapter_dtype", self.adapter_dtype, list(ADAPTER_DTYPES))
@@ -164,7 +168,8 @@ class RunConfig:
     seq_len: int = 1024
     packing: bool = False
     gradient_checkpointing: bool = True
-    optim: str = "auto"  # paged 8-bit AdamW on a GPU, AdamW on a CPU
+    optim: str = "auto"  # paged 8-bit AdamW on a GPU, AdamW on a CPU; or scaled_adamw / scaled_sgd (qloraga/optim.py)
+    precond_eps: float = 1e-6  # ridge of the scaled optimizers' r x r preconditioners
     save_steps: int = 200
     logging_steps: int = 10
     resume: bool = False
@@ -192,6 +197,8 @@ class RunConfig:
             raise ConfigError("Give a positive --max-steps or --epochs.")
         if not 0 < self.eval_split < 1:
             raise ConfigError(f"--eval-split must be between 0 and 1, got {self.eval_split}.")
+        if not self.precond_eps > 0:
+            raise ConfigError(f"precond_eps must be positive, got {self.precond_eps}.")
         if self.eval_samples < 0:
             raise ConfigError(f"--eval-samples must be 0 or more, got {self.eval_samples}.")
         self.lora_ga.validate()

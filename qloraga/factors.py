@@ -1,32 +1,50 @@
-"""The LoRA-GA factors of one layer, from its gradient: pure tensor math, no model.
+"""The initial adapter factors of one layer, from its gradient: pure tensor math, no model.
 
-The paper's formulas (shared ALGORITHM.md section 2), not PEFT's: singular values multiply nothing,
-`stable` scales both factors, `random` draws disjoint index halves for A and B.
+LoRA-GA (the paper's formulas, docs/ALGORITHM.md section 2, not PEFT's): singular values multiply nothing,
+`stable` scales both factors, `random` draws disjoint index halves for A and B; the model keeps its step-0
+output through a frozen correction. LoRA-One (docs/ALGORITHM.md section 3): the top-r singular triplets of
+`-G`, weighted by `sqrt(S / S_1)`, with no correction, so step 0 already carries a scaled rank-r step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
-from qloraga.config import DIRECTIONS, SCALES, check_choice
+from qloraga.config import DIRECTIONS, SCALES, QLoraGAConfig, check_choice
+
+
+class Spectrum(NamedTuple):
+    """The top singular triplets of a gradient, in fp32, signs fixed: `u` (out x k), `s` (k), `vt` (k x in)."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vt: torch.Tensor
+
+
+def top_singular(grad: torch.Tensor, k: int, svd_niter: int | None = None) -> Spectrum:
+    """The top `k` singular triplets of `grad`: exact SVD, or randomized with `svd_niter` iterations."""
+    g = grad.float()
+    if svd_niter is None:
+        u, s, vt = torch.linalg.svd(g, full_matrices=False)
+        u, s, vt = u[:, :k], s[:k], vt[:k]
+    else:
+        with seeded_rng(g.device):
+            u, s, v = torch.svd_lowrank(g, q=min(2 * k, min(g.shape)), niter=svd_niter)
+        u, s, vt = u[:, :k], s[:k], v[:, :k].T
+    u, vt = fix_signs(u, vt)
+    return Spectrum(u, s, vt)
 
 
 def top_singular_vectors(
     grad: torch.Tensor, k: int, svd_niter: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return `U[:, :k]` and `Vt[:k]` of `grad` in fp32: exact SVD, or randomized with `svd_niter` iterations."""
-    g = grad.float()
-    if svd_niter is None:
-        u, _, vt = torch.linalg.svd(g, full_matrices=False)
-        u, vt = u[:, :k], vt[:k]
-    else:
-        with seeded_rng(g.device):
-            u, _, v = torch.svd_lowrank(g, q=min(2 * k, min(g.shape)), niter=svd_niter)
-        u, vt = u[:, :k], v[:, :k].T
-    return fix_signs(u, vt)
+    """`U[:, :k]` and `Vt[:k]` of `grad` in fp32 (see `top_singular`)."""
+    u, _, vt = top_singular(grad, k, svd_niter)
+    return u, vt
 
 
 @contextmanager
@@ -54,9 +72,9 @@ def lora_ga_factors(
     grad: torch.Tensor,
     r: int,
     *,
-    direction: str = "ArB2r",
-    scale: str = "stable",
-    stable_gamma: float = 16.0,
+    direction: str = QLoraGAConfig.direction,
+    scale: str = QLoraGAConfig.scale,
+    stable_gamma: float = QLoraGAConfig.stable_gamma,
     scaling: float = 1.0,
     weight: torch.Tensor | None = None,
     svd_niter: int | None = None,
@@ -75,11 +93,13 @@ def lora_ga_factors(
                                          scaling=scaling, weight=weight, generator=generator)
 
 
-def check_rank(r: int, out_features: int, in_features: int) -> None:
-    if r < 1 or 2 * r > min(out_features, in_features):
+def check_rank(r: int, out_features: int, in_features: int, directions: int | None = None) -> None:
+    """`r` must leave room for the singular directions the init uses (2r for LoRA-GA, r for LoRA-One)."""
+    need = 2 * r if directions is None else directions
+    if r < 1 or need > min(out_features, in_features):
         raise ValueError(
-            f"r={r} needs 2r <= min(out, in) = {min(out_features, in_features)} for a "
-            f"{out_features}x{in_features} layer: use r <= {min(out_features, in_features) // 2}."
+            f"r={r} needs {need // r}r <= min(out, in) = {min(out_features, in_features)} for a "
+            f"{out_features}x{in_features} layer: use r <= {min(out_features, in_features) * r // need}."
         )
 
 
@@ -88,9 +108,9 @@ def factors_from_singular_vectors(
     vt: torch.Tensor,
     r: int,
     *,
-    direction: str = "ArB2r",
-    scale: str = "stable",
-    stable_gamma: float = 16.0,
+    direction: str = QLoraGAConfig.direction,
+    scale: str = QLoraGAConfig.scale,
+    stable_gamma: float = QLoraGAConfig.stable_gamma,
     scaling: float = 1.0,
     weight: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -99,8 +119,6 @@ def factors_from_singular_vectors(
     however they were found (exact SVD here, a streaming sketch in `sketch.py`)."""
     check_choice("direction", direction, DIRECTIONS)
     check_choice("scale", scale, SCALES)
-    if scale == "weight_svd" and weight is None:
-        raise ValueError("scale='weight_svd' needs the layer's weight: pass weight=W.")
     out_features = u.shape[0]
     if direction == "ArB2r":
         b_idx, a_idx = torch.arange(r, 2 * r), torch.arange(0, r)
@@ -113,14 +131,60 @@ def factors_from_singular_vectors(
         b_idx, a_idx = perm[:r], perm[r:]
     b = u[:, b_idx.to(u.device)].clone()
     a = vt[a_idx.to(vt.device)].clone()
+    factor = scale_factor(scale, out_features, r, stable_gamma=stable_gamma, scaling=scaling, weight=weight)
+    return (a * factor).contiguous(), (b * factor).contiguous()
 
+
+def scale_factor(scale: str, out_features: int, r: int, *, stable_gamma: float, scaling: float,
+                 weight: torch.Tensor | None = None) -> float | torch.Tensor:
+    """The number both factors are multiplied by (the paper's scales, shared by LoRA-GA and LoRA-One)."""
+    check_choice("scale", scale, SCALES)
     if scale == "stable":
-        factor = out_features**0.25 / stable_gamma**0.5
-        a, b = a * factor, b * factor
-    elif scale == "gd":
-        a, b = a / scaling, b / scaling
-    elif scale == "weight_svd":
-        sw = torch.linalg.svdvals(weight.float().to(a.device)) / scaling
-        factor = sw[:r].sqrt().mean()
-        a, b = a * factor, b * factor
-    return a.contiguous(), b.contiguous()
+        return out_features**0.25 / stable_gamma**0.5
+    if scale == "gd":
+        return 1.0 / scaling
+    if scale == "weight_svd":
+        if weight is None:
+            raise ValueError("scale='weight_svd' needs the layer's weight: pass weight=W.")
+        sw = torch.linalg.svdvals(weight.float()) / scaling
+        return sw[:r].sqrt().mean()
+    return 1.0  # unit
+
+
+def lora_one_factors(
+    grad: torch.Tensor,
+    r: int,
+    *,
+    scale: str = QLoraGAConfig.scale,
+    stable_gamma: float = QLoraGAConfig.stable_gamma,
+    scaling: float = 1.0,
+    weight: torch.Tensor | None = None,
+    svd_niter: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-One initial factors `(A, B)`, fp32: the best rank-r approximation of the negative gradient.
+
+    With `-G = U S V^T` and `c` the scale factor: `B = c U_r sqrt(S_r / S_1)`, `A = c sqrt(S_r / S_1) V_r^T`,
+    so the adapter starts at `s B A = -(s c^2 / S_1) G_r`: one step of full fine-tuning restricted to the top
+    r directions, whose largest singular value is `s c^2`. No offset is subtracted (LoRA-One's point).
+    """
+    if grad.dim() != 2:
+        raise ValueError(f"grad must be a matrix (out x in), got shape {tuple(grad.shape)}.")
+    check_rank(r, *grad.shape, directions=r)
+    return lora_one_from_spectrum(top_singular(-grad, r, svd_niter), r, scale=scale, stable_gamma=stable_gamma,
+                                  scaling=scaling, weight=weight)
+
+
+def lora_one_from_spectrum(
+    spectrum: Spectrum,
+    r: int,
+    *,
+    scale: str = QLoraGAConfig.scale,
+    stable_gamma: float = QLoraGAConfig.stable_gamma,
+    scaling: float = 1.0,
+    weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-One factors from the top singular triplets of `-G` (exact SVD or sketch)."""
+    u, s, vt = spectrum
+    root = (s[:r] / s[0]).clamp(min=0).sqrt()
+    factor = scale_factor(scale, u.shape[0], r, stable_gamma=stable_gamma, scaling=scaling, weight=weight)
+    return (root[:, None] * vt[:r] * factor).contiguous(), (u[:, :r] * root * factor).contiguous()

@@ -1,4 +1,4 @@
-"""LoRA-GA initial factors for every target layer of a model: estimate G chunk by chunk, factorise, cache."""
+"""Initial factors (LoRA-GA or LoRA-One) for every target layer: estimate G chunk by chunk, factorise, cache."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from qloraga import distributed
 from qloraga.cache import FactorCache, fingerprint
 from qloraga.config import QLoraGAConfig
 from qloraga.estimate import accumulate_chunk, plan_chunks, split_chunk
-from qloraga.factors import factors_from_singular_vectors, top_singular_vectors
+from qloraga.factors import Spectrum, factors_from_singular_vectors, lora_one_from_spectrum, top_singular
 from qloraga.loading import dequantized_weight
 from qloraga.memory import memory_kind, peak_memory_gb, reset_peak
-from qloraga.sketch import sketched_singular_vectors
+from qloraga.sketch import Sketch, sketched_singular_vectors
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -39,11 +39,13 @@ class InitReport:
     peak_memory_gb: float
     memory_kind: str
     estimator: str = "exact"
+    method: str = "lora-ga"
 
     def summary(self) -> str:
         work = (f"{self.chunks} chunk(s) ({self.cached_layers} from cache)" if self.estimator == "exact"
                 else f"{self.chunks} sketch pass(es)")
-        return (f"LoRA-GA init: {self.layers} layers, {work}, {self.seconds:.1f} s, "
+        name = {"lora-ga": "LoRA-GA", "lora-one": "LoRA-One"}[self.method]
+        return (f"{name} init: {self.layers} layers, {work}, {self.seconds:.1f} s, "
                 f"peak memory {self.peak_memory_gb:.2f} GiB ({self.memory_kind})")
 
 
@@ -59,56 +61,60 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def factorise_layer(name: str, layer: nn.Linear, config: QLoraGAConfig, zero_grad_layers: list[str], *,
-                    grad: torch.Tensor | None = None,
-                    vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's (A0, B0) from its gradient (exact estimator) or its sketched singular vectors."""
-    probe = grad if grad is not None else vectors[2]
+def factorise_layer(name: str, layer: nn.Linear, config: QLoraGAConfig,
+                    source: torch.Tensor | Sketch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One layer's (A0, B0) from its gradient (exact estimator) or its sketch; None for a zero gradient."""
+    probe = source if isinstance(source, torch.Tensor) else source.norm
     if not torch.isfinite(probe).all():
         raise FloatingPointError(f"The estimated gradient of {name} holds NaN or inf: nothing was written. "
                                  "Check the data and the model (try fp32 compute or fewer tokens).")
-    generator = layer_generator(config.seed, name)
     if not probe.any():
-        zero_grad_layers.append(name)
-        a, b = plain_lora_factors(layer.out_features, layer.in_features, config.r, generator)
-        return a.to(probe.device), b.to(probe.device)
-    u, vt = top_singular_vectors(grad, 2 * config.r, config.svd_niter) if grad is not None else vectors[:2]
-    return factors_from_singular_vectors(
-        u, vt, config.r, direction=config.direction, scale=config.scale, stable_gamma=config.stable_gamma,
-        scaling=config.scaling, weight=dequantized_weight(layer) if config.scale == "weight_svd" else None,
-        generator=generator,
-    )
+        return None
+    weight = dequantized_weight(layer) if config.scale == "weight_svd" else None
+    settings = dict(scale=config.scale, stable_gamma=config.stable_gamma, scaling=config.scaling, weight=weight)
+    if config.method == "lora-one":  # the top-r triplets of -G
+        if isinstance(source, torch.Tensor):
+            spectrum = top_singular(-source, config.r, config.svd_niter)
+        else:
+            spectrum = Spectrum(-source.spectrum.u, source.spectrum.s, source.spectrum.vt)
+        return lora_one_from_spectrum(spectrum, config.r, **settings)
+    u, _, vt = top_singular(source, 2 * config.r, config.svd_niter) if isinstance(source, torch.Tensor) \
+        else source.spectrum
+    return factors_from_singular_vectors(u, vt, config.r, direction=config.direction,
+                                         generator=layer_generator(config.seed, name), **settings)
 
 
 def shared_factors(names: list[str], targets: dict[str, nn.Linear], config: QLoraGAConfig,
-                   zero_grad_layers: list[str], inputs: dict[str, dict]) -> Factors:
-    """Factors of some layers, computed on rank 0 and broadcast, so every rank holds the same bits.
-    `inputs[name]` holds the `grad=` or `vectors=` argument of `factorise_layer`."""
+                   sources: dict[str, torch.Tensor | Sketch]) -> tuple[Factors, list[str]]:
+    """Factors of some layers, computed on rank 0 and broadcast, so every rank holds the same bits, and the
+    layers that had no gradient (they start as plain LoRA). `sources` is consumed as it goes."""
     chunk: Factors = {}
+    zero_grad: list[str] = []
     for name in names:
-        layer = targets[name]
-        if distributed.is_main():
-            chunk[name] = factorise_layer(name, layer, config, zero_grad_layers, **inputs.pop(name))
-        else:
-            inputs.pop(name)
+        layer, source = targets[name], sources.pop(name)
+        factors = factorise_layer(name, layer, config, source) if distributed.is_main() else None
+        if factors is None and distributed.is_main():
+            zero_grad.append(name)
+            a, b = plain_lora_factors(layer.out_features, layer.in_features, config.r,
+                                      layer_generator(config.seed, name))
+            factors = (a.to(layer.weight.device), b.to(layer.weight.device))
+        elif factors is None:  # other ranks: buffers for the broadcast
             device = layer.weight.device
-            chunk[name] = (torch.empty(config.r, layer.in_features, device=device),
-                           torch.empty(layer.out_features, config.r, device=device))
+            factors = (torch.empty(config.r, layer.in_features, device=device),
+                       torch.empty(layer.out_features, config.r, device=device))
+        chunk[name] = factors
     distributed.broadcast_([t for name in names for t in chunk[name]])
-    return chunk
+    return chunk, zero_grad
 
 
 def sketch_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
                 config: QLoraGAConfig, bar: tqdm) -> tuple[Factors, list[str], int]:
     """All layers at once with the streaming estimator: `1 + power_iters` passes, no chunks, no cache."""
-    zero_grad_layers: list[str] = []
-    vectors = sketched_singular_vectors(model, targets, batches, r=config.r, oversample=config.oversample,
-                                        power_iters=config.power_iters, seed=config.seed, progress=bar,
-                                        checkpointing=config.gradient_checkpointing)
-    names = list(targets)
-    factors = shared_factors(names, targets, config, zero_grad_layers, {n: {"vectors": vectors.pop(n)} for n in names})
-    return factors, zero_grad_layers, 1 + config.power_iters
+    sketches = sketched_singular_vectors(model, targets, batches, r=config.r, oversample=config.oversample,
+                                         power_iters=config.power_iters, seed=config.seed, progress=bar,
+                                         checkpointing=config.gradient_checkpointing)
+    factors, zero_grad = shared_factors(list(targets), targets, config, sketches)
+    return factors, zero_grad, 1 + config.power_iters
 
 
 def exact_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
@@ -141,7 +147,8 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterabl
             if bar.total is not None and n_batches:
                 bar.total += n_batches
             continue
-        chunk = shared_factors(names, targets, config, zero_grad_layers, {n: {"grad": grads.pop(n)} for n in names})
+        chunk, zero_grad = shared_factors(names, targets, config, grads)
+        zero_grad_layers += zero_grad
         if cache and distributed.is_main():
             cache.save(chunk)
         factors.update(chunk)
@@ -174,5 +181,5 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
         warnings.warn(f"{len(zero_grad_layers)} layer(s) got a zero gradient (unused by the loss), so they "
                       f"start as plain LoRA (B=0): {zero_grad_layers[:5]}", stacklevel=2)
     report = InitReport(len(targets), passes, cached, zero_grad_layers, time.perf_counter() - start,
-                        peak_memory_gb(), memory_kind(), config.estimator)
+                        peak_memory_gb(), memory_kind(), config.estimator, config.method)
     return factors, report

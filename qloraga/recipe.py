@@ -132,9 +132,10 @@ def finetune(cfg: RunConfig) -> Path:
         before = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
         say(f"before fine-tuning: {describe(before)}")
 
-    # Adapters: LoRA-GA (gradient estimated on the first training batches) or plain LoRA.
-    if cfg.init == "lora-ga":
-        lora_ga = dataclasses.replace(cfg.lora_ga, cache_dir=cfg.lora_ga.cache_dir or str(out / "lora_ga_cache"),
+    # Adapters: LoRA-GA or LoRA-One (gradient estimated on the first training batches), or plain LoRA.
+    if cfg.init != "lora":
+        lora_ga = dataclasses.replace(cfg.lora_ga, method=cfg.init,
+                                      cache_dir=cfg.lora_ga.cache_dir or str(out / "lora_ga_cache"),
                                       progress=cfg.lora_ga.progress and main)
         batches = gradient_batches(train_examples, cfg.ga_batches, cfg.batch_size, collator)
         model = get_qloraga_model(model, lora_ga, batches)

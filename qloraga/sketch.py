@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from qloraga import distributed
 from qloraga.estimate import backward_pass
-from qloraga.factors import fix_signs
+from qloraga.factors import Spectrum, fix_signs
+
+
+class Sketch(NamedTuple):
+    """One layer's result: the top singular triplets of its gradient, and the sketch's norm (0 for a layer
+    with no gradient, NaN for a non-finite one)."""
+
+    spectrum: Spectrum
+    norm: torch.Tensor
 
 
 def sketch_width(r: int, oversample: int, out_features: int, in_features: int) -> int:
@@ -62,22 +71,22 @@ def top_vectors_from_sketches(
     k: int,
     psi: dict[str, torch.Tensor] | None = None,
     right: dict[str, torch.Tensor] | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`(U[:, :k], Vt[:k], |sketch|)` per layer from the last pass's sums: after a single pass with `psi`, the
-    left test matrices; after power iterations with `right`, the row bases the last pass multiplied by (the
-    norm is 0 for a layer with no gradient and NaN for a non-finite one)."""
+) -> dict[str, Sketch]:
+    """The top `k` singular triplets per layer from the last pass's sums: after a single pass with `psi`, the
+    left test matrices; after power iterations with `right`, the row bases the last pass multiplied by."""
     out = {}
     for name in layers:
         y, z = sums[0][name], sums[1][name]
         if right is None:  # single pass: G ~ Q X with X solving (Psi^T Q) X = Z^T
             q = orth(y)
             x = torch.linalg.lstsq(psi[name].T @ q, z.T).solution
-            u_small, _, vt = torch.linalg.svd(x, full_matrices=False)
+            u_small, s, vt = torch.linalg.svd(x, full_matrices=False)
             u = q @ u_small
         else:  # G ~ (G P) P^T
-            u, _, vt_small = torch.linalg.svd(y, full_matrices=False)
+            u, s, vt_small = torch.linalg.svd(y, full_matrices=False)
             vt = vt_small @ right[name].T
-        out[name] = (*fix_signs(u[:, :k], vt[:k]), y.norm())
+        u, vt = fix_signs(u[:, :k], vt[:k])
+        out[name] = Sketch(Spectrum(u, s[:k], vt), y.norm())
     return out
 
 
@@ -92,8 +101,8 @@ def sketched_singular_vectors(
     seed: int = 0,
     progress=None,
     checkpointing: bool = False,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Top-2r singular vectors (and the sketch norm) of every layer's gradient in `1 + power_iters` passes."""
+) -> dict[str, Sketch]:
+    """Top-2r singular triplets (and the sketch norm) of every layer's gradient in `1 + power_iters` passes."""
     # Psi (the left test matrix) is twice as wide as the rank sought, k: the single-pass solve needs it
     # wider than Omega; with power iterations Omega is as wide, so both bases keep 2k columns.
     omega, psi = {}, {}

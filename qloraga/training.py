@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from qloraga.config import RunConfig
+from qloraga.config import SCALED_OPTIMIZERS, RunConfig
 from qloraga.data import Collator, Example
+from qloraga.optim import scaled_optimizer
 
 
 def parse_line(line: str) -> dict | None:
@@ -88,6 +89,9 @@ class GracefulInterrupt(TrainerCallback):
 
 
 def resolve_optim(name: str) -> str:
+    """transformers' optimizer name; a scaled optimizer is built by us (`TrainingArguments` gets AdamW's name)."""
+    if name in SCALED_OPTIMIZERS:
+        return "adamw_torch"
     if name != "auto":
         return name
     return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
@@ -126,9 +130,12 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path) -> TrainingArgument
 def build_trainer(model: nn.Module, examples: list[Example], collator: Collator, cfg: RunConfig,
                   out_dir: Path) -> Trainer:
     train_set = datasets.Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    optimizer = (scaled_optimizer(model, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
+                                  precond_eps=cfg.precond_eps) if cfg.optim in SCALED_OPTIMIZERS else None)
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out_dir / "checkpoints"),
+        optimizers=(optimizer, None),  # None: Trainer builds it (and always the learning-rate schedule)
         train_dataset=train_set,
         data_collator=collator,
         callbacks=[MetricsLog(out_dir / "metrics.jsonl"), StopOnNonFiniteLoss(), GracefulInterrupt()],

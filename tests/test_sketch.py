@@ -45,9 +45,9 @@ FLOOR = {0: 0.7, 1: 0.95, 2: 0.98}
 @pytest.mark.parametrize("power_iters", sorted(FLOOR))
 def test_sketched_subspaces_match_the_exact_ones(setup, power_iters):
     model, batches, targets, grads = setup
-    vectors = sketched_singular_vectors(model, targets, batches, r=R, power_iters=power_iters)
+    sketches = sketched_singular_vectors(model, targets, batches, r=R, power_iters=power_iters)
     means = []
-    for name, (u, vt, _) in vectors.items():
+    for name, ((u, _, vt), _) in sketches.items():
         eu, evt = top_singular_vectors(grads[name], 2 * R)
         means.append(min(principal_cosines(u, eu).mean(), principal_cosines(vt.T, evt.T).mean()).item())
     print(f"power_iters={power_iters}: mean principal-angle cosine {sum(means) / len(means):.4f}, "
@@ -94,8 +94,8 @@ def test_sketch_of_an_explicit_low_rank_matrix():
 
     model = OneLinear()
     layers = {"layers.0": model.layers[0]}
-    u, vt, _ = sketched_singular_vectors(model, layers, [{"input_ids": torch.zeros(1)}], r=3, oversample=6,
-                                         power_iters=0)["layers.0"]
+    (u, _, vt), _ = sketched_singular_vectors(model, layers, [{"input_ids": torch.zeros(1)}], r=3, oversample=6,
+                                              power_iters=0)["layers.0"]
     eu, evt = top_singular_vectors(grad, 6)
     assert principal_cosines(u, eu).min() > 0.999  # rank 12 <= sketch width 12: exact
     assert principal_cosines(vt.T, evt.T).min() > 0.999

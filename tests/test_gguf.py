@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 import qloraga
-from qloraga import loading
+from qloraga import cli, loading
 
 gguf = pytest.importorskip("gguf")
 
@@ -169,8 +169,9 @@ def test_gguf_round_trip_model_tokenizer_and_cache(tiny_gguf, counted, capsys):
     assert rendered == "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n"
     assert len(counted) == 1
 
-    # A folder holding just that file resolves to the same conversion.
+    # A folder holding just that file resolves to the same conversion; the CLI detects the preset from it.
     assert loading.model_source(path.parent) == str(folder) and len(counted) == 1
+    assert cli.model_type(str(path)) == "llama" and len(counted) == 1
 
 
 def test_gguf_4bit_matches_4bit_of_original(tiny_gguf, counted):

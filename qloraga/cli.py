@@ -102,8 +102,11 @@ def resolve(args: dict[str, Any]) -> RunConfig:
     return RunConfig.from_dict(settings)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = vars(parser().parse_args(argv))
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = parser()
+    if prog:  # `qloraga finetune` rather than the script's name
+        p.prog = prog
+    args = vars(p.parse_args(argv))
     from qloraga.recipe import finetune  # heavy imports after --help
 
     try:

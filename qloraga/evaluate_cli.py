@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Score a base model, or a base plus a PEFT adapter, on a dataset: held-out loss and exact-match accuracy.
 
-    python scripts/evaluate.py --model BASE [--adapter RUN/adapter] --dataset eval.jsonl [--4bit]
+    qloraga evaluate --model BASE [--adapter RUN/adapter] --dataset eval.jsonl [--4bit]   (or scripts/evaluate.py)
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from qloraga.recipe import DEMO_EVAL, DEMO_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="qloraga evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEMO_MODEL), help="base model folder, .gguf or hub name (default: the demo)")
     p.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter); none scores the base alone")
     p.add_argument("--dataset", default=str(DEMO_EVAL), help="JSON/JSONL/CSV/Parquet file or hub name")

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Turn a finished run into a merged bf16 model that transformers (or vLLM) loads with no adapter.
 
-    python scripts/export.py --run runs/demo-20261127-101500 [--output merged-model]
+    qloraga export --run runs/demo-20261127-101500 [--output merged-model]   (or python scripts/export.py ...)
 
 The merged weights are `deq(Wq) + s B' A'`: the 4-bit weights the adapter was trained against, plus the
 adapter, so the merged model computes what training saw.
@@ -22,8 +21,8 @@ from qloraga.loading import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="output folder of scripts/finetune.py (holds config.yaml, adapter/)")
+    p = argparse.ArgumentParser(prog="qloraga export", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="output folder of `qloraga finetune` (holds config.yaml, adapter/)")
     p.add_argument("--output", help="where to write the merged model (default: RUN/merged)")
     args = p.parse_args(argv)
     run = Path(args.run)

@@ -1,4 +1,4 @@
-"""Presets per model family: YAML files in `configs/`, data rather than code."""
+"""Presets per model family: YAML files in `qloraga/configs/` (package data), data rather than code."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import yaml
 
 from qloraga.config import ConfigError, merge_settings
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # inside the package: wheels ship the presets
 # transformers' model_type -> preset name, where they differ.
 MODEL_TYPE_PRESETS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma": "gemma",
                       "gemma2": "gemma", "phi3": "phi3"}

@@ -1,0 +1,7 @@
+"""`python -m qloraga COMMAND ...`: the same as the `qloraga` command."""
+
+import sys
+
+from qloraga.commands import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The `qloraga` command: one entry point, a subcommand per job (`qloraga finetune --help`, ...).
+
+Each subcommand is the `main(argv) -> int` of one module, imported only when it runs, so that
+`qloraga --help` answers at once and a subcommand's heavy imports are paid only by that subcommand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module whose main(argv) runs it, one line for the overview)
+COMMANDS = {
+    "finetune": ("qloraga.cli", "fine-tune a causal LM with LoRA-GA adapters (no argument: the embedded demo)"),
+    "evaluate": ("qloraga.evaluate_cli", "held-out loss and exact match of a base model or a base + adapter"),
+    "export": ("qloraga.export_cli", "merge a finished run's adapter into a standalone model"),
+    "chat": ("qloraga.chat", "talk to a finished run's model in the terminal"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items()]
+    return ("usage: qloraga {" + ",".join(COMMANDS) + "} [options]\n\n"
+            "LoRA-GA fine-tuning of 4-bit (NF4) causal language models.\n\n" + "\n".join(lines)
+            + "\n\n`qloraga COMMAND --help` lists a command's options.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from qloraga import __version__
+
+        print(f"qloraga {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}: choose one of {', '.join(COMMANDS)}.\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    if name == "finetune":
+        return module.main(rest, prog="qloraga finetune")
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Merge a finished run into a bf16 model: `python scripts/export.py --run OUT` (= `qloraga export`; see --help)."""
+
+import sys
+
+from qloraga.export_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

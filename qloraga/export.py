@@ -62,28 +62,33 @@ def delta_weight(layer: nn.Module) -> torch.Tensor:
     return layer.scaling[ADAPTER] * (b @ a)
 
 
-def merged_state(model: PeftModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """The merged model's tensors in bf16, one module at a time (never a full copy of the model)."""
+def merged_state(model: PeftModel, dtype: torch.dtype = torch.bfloat16, delta: bool = True
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged model's tensors in `dtype` (bf16), one module at a time (never a full copy of the model).
+
+    `delta=False` gives the dequantized base alone, `deq(Wq)`: what a LoRA adapter applies to."""
     base = model.get_base_model()
     seen: set[int] = set()
 
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         if isinstance(module, LoraLayer):
             inner = module.get_base_layer()
-            weight = dequantized_weight(inner).float() + delta_weight(module)
-            yield f"{prefix}weight", weight.to(torch.bfloat16)
+            weight = dequantized_weight(inner).float()
+            if delta:
+                weight = weight + delta_weight(module)
+            yield f"{prefix}weight", weight.to(dtype)
             if inner.bias is not None:
-                yield f"{prefix}bias", inner.bias.detach().to(torch.bfloat16)
+                yield f"{prefix}bias", inner.bias.detach().to(dtype)
             return
         if is_4bit(module):
-            yield f"{prefix}weight", dequantized_weight(module).to(torch.bfloat16)
+            yield f"{prefix}weight", dequantized_weight(module).to(dtype)
             if module.bias is not None:
-                yield f"{prefix}bias", module.bias.detach().to(torch.bfloat16)
+                yield f"{prefix}bias", module.bias.detach().to(dtype)
             return
         for pname, param in module.named_parameters(recurse=False):
             if id(param) not in seen:  # tied weights are written once
                 seen.add(id(param))
-                yield f"{prefix}{pname}", param.detach().to(torch.bfloat16)
+                yield f"{prefix}{pname}", param.detach().to(dtype)
         for bname, buf in module.named_buffers(recurse=False):
             if bname not in module._non_persistent_buffers_set:
                 yield f"{prefix}{bname}", buf.detach()

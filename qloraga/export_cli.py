@@ -1,39 +1,49 @@
-"""Turn a finished run into a merged bf16 model that transformers (or vLLM) loads with no adapter.
+"""Turn a run into a merged bf16 model (transformers, vLLM) or GGUF files (llama.cpp, Ollama, LM Studio).
 
     qloraga export --run runs/demo-20261127-101500 [--output merged-model]   (or python scripts/export.py ...)
+    qloraga export --run RUN --format gguf [--checkpoint N]   # RUN/gguf/: adapter.gguf, model-f16.gguf,
+        # model-q8_0.gguf, Modelfile (llama, mistral and qwen2 families, byte-level BPE tokenizers)
 
 The merged weights are `deq(Wq) + s B' A'`: the 4-bit weights the adapter was trained against, plus the
-adapter, so the merged model computes what training saw.
+adapter, so the merged model computes what training saw. `--checkpoint N` exports checkpoint N of the run,
+with the LoRA-GA correction folded in (a rank-2r adapter).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-import yaml
-from peft import PeftModel
-from transformers import AutoTokenizer
-
-from qloraga.export import export_adapter
-from qloraga.loading import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qloraga export", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="output folder of `qloraga finetune` (holds config.yaml, adapter/)")
-    p.add_argument("--output", help="where to write the merged model (default: RUN/merged)")
+    p.add_argument("--output", help="where to write (default: RUN/merged, or RUN/gguf with --format gguf)")
+    p.add_argument("--format", choices=["merged", "gguf"], default="merged",
+                   help="merged: a bf16 transformers folder; gguf: adapter.gguf, model-f16/q8_0.gguf, Modelfile")
+    p.add_argument("--checkpoint", type=int, help="export checkpoints/checkpoint-N instead of the final adapter/")
+    p.add_argument("--gguf-base", action="store_true",
+                   help="with --format gguf: also write base-f16.gguf, the dequantized base adapter.gguf applies to")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the run's)")
     args = p.parse_args(argv)
-    run = Path(args.run)
-    if not (run / "config.yaml").exists() or not (run / "adapter" / "adapter_config.json").exists():
-        print(f"error: {run} is not a finished run (config.yaml and adapter/ are missing).", file=sys.stderr)
+    from qloraga.export import export_adapter
+    from qloraga.gguf_export import check_gguf_run, export_gguf
+    from qloraga.runs import load_run_model, open_run
+
+    try:
+        run = open_run(args.run)
+        if args.format == "gguf":  # refuse an unsupported family or tokenizer before loading any weight
+            check_gguf_run(run)
+        model, tokenizer = load_run_model(run, checkpoint=args.checkpoint, dtype=args.dtype)
+        if args.format == "gguf":
+            out = export_gguf(model, tokenizer, args.output or run.path / "gguf", base=args.gguf_base)
+            print(f"GGUF files written to {out}: adapter.gguf, model-f16.gguf, model-q8_0.gguf, Modelfile"
+                  f"{', base-f16.gguf' if args.gguf_base else ''}. Ollama: cd {out} && ollama create NAME -f Modelfile")
+            return 0
+        out = export_adapter(model, args.output or run.path / "merged", merged=True, tokenizer=tokenizer)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    base = load_model(config["model"], load_in_4bit=config["load_in_4bit"])
-    model = PeftModel.from_pretrained(base, run / "adapter", autocast_adapter_dtype=False)
-    out = export_adapter(model, args.output or run / "merged", merged=True,
-                         tokenizer=AutoTokenizer.from_pretrained(run / "adapter"))
     print(f"merged model written to {out}")
     return 0
 

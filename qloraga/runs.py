@@ -1,0 +1,149 @@
+"""Open a finished (or interrupted) run folder: its settings, its base as the run loaded it, its adapter.
+
+A run's `adapter/` is already the portable rank-2r PEFT adapter. A checkpoint (`checkpoints/checkpoint-N`,
+written by Trainer through PEFT's `save_pretrained`) holds the trainable rank-r `A`, `B` and, for LoRA-GA
+runs, the frozen correction buffers `qloraga_A0`, `qloraga_B0`; loaded by plain PEFT it would silently
+lack the `-s B0 A0` term. `checkpoint_adapter` rebuilds the corrected rank-2r adapter `[A; A0]`,
+`[B, -B0]` (alpha doubled, the same scaling), as `export.adapter_tensors` does for a live model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
+from qloraga.io import save_json, save_tensors
+
+A0, B0 = "qloraga_A0", "qloraga_B0"
+
+
+@dataclass
+class Run:
+    """A run folder and its resolved settings."""
+
+    path: Path
+    config: RunConfig
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"checkpoint-{step}"
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    path = Path(path)
+    config_file = path / "config.yaml"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} is not a qloraga run folder: it has no config.yaml (give the "
+                                "--output-dir of scripts/finetune.py).")
+    return Run(path, RunConfig.from_dict(yaml.safe_load(config_file.read_text())))
+
+
+def available_checkpoints(run: Run) -> list[int]:
+    folder = run.path / "checkpoints"
+    steps = [p.name.split("-")[-1] for p in folder.glob("checkpoint-*")] if folder.exists() else []
+    return sorted(int(s) for s in steps if s.isdigit())
+
+
+def cached_factors(run: Run) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The LoRA-GA factors `{module: (A0, B0)}` in the run's `lora_ga_cache/` (one fingerprint only)."""
+    folder = Path(run.config.lora_ga.cache_dir or run.path / "lora_ga_cache")
+    by_key: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for file in sorted(folder.glob("chunk-*.safetensors")) if folder.exists() else []:
+        with safe_open(str(file), framework="pt") as f:
+            key = (f.metadata() or {}).get("fingerprint", "")
+            names = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            by_key.setdefault(key, {}).update({n: (f.get_tensor(f"{n}.A0"), f.get_tensor(f"{n}.B0")) for n in names})
+    if len(by_key) > 1:
+        raise ValueError(f"{folder} holds factors of {len(by_key)} different initialisations: cannot tell which "
+                         "one this checkpoint was trained from.")
+    return next(iter(by_key.values()), {})
+
+
+def corrected_tensors(tensors: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                      ) -> dict[str, torch.Tensor]:
+    """Rank-r checkpoint tensors (+ correction buffers or `factors`) -> the rank-2r PEFT adapter's tensors."""
+    out = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removesuffix(".lora_A.weight")
+        b = tensors[f"{module}.lora_B.weight"]
+        if f"{module}.{A0}" in tensors:
+            a0, b0 = tensors[f"{module}.{A0}"], tensors[f"{module}.{B0}"]
+        else:
+            short = module.removeprefix("base_model.model.")
+            if short not in factors:
+                raise ValueError(f"The checkpoint has no LoRA-GA correction for {short} (no {A0} buffer, and the "
+                                 "run's lora_ga_cache/ has no factors for it): without it the checkpoint's "
+                                 "adapter is not what was trained. Use the run's final adapter/ instead.")
+            a0, b0 = factors[short]
+        out[key] = torch.cat([a, a0.to(a.dtype)], dim=0)
+        out[f"{module}.lora_B.weight"] = torch.cat([b, -b0.to(b.dtype)], dim=1)
+    return out
+
+
+def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
+    """Write checkpoint `step` of `run` as a PEFT adapter in `out_dir`: rank 2r with the LoRA-GA correction
+    folded in for LoRA-GA runs, the checkpoint's own adapter for plain LoRA runs."""
+    src = run.checkpoint_dir(step)
+    if not (src / "adapter_model.safetensors").exists():
+        have = available_checkpoints(run)
+        raise FileNotFoundError(f"{src} holds no adapter. Checkpoints of this run: "
+                                f"{', '.join(map(str, have)) if have else 'none'}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    config = json.loads((src / "adapter_config.json").read_text())
+    corrected = any(k.endswith(A0) for k in tensors)
+    if corrected or run.config.init == "lora-ga":
+        factors = {} if corrected else cached_factors(run)
+        tensors = corrected_tensors(tensors, factors)
+        config["r"] = 2 * config["r"]
+        config["lora_alpha"] = 2 * config["lora_alpha"]
+    save_tensors(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_json(config, out_dir / "adapter_config.json")
+    return out_dir
+
+
+def load_run_model(run: Run, checkpoint: int | None = None, base_only: bool = False, dtype: str | None = None):
+    """The run's base loaded as the run loaded it (4-bit or not, its compute dtype, quant storage,
+    trust_remote_code), with its final adapter, checkpoint `checkpoint`'s adapter, or none (`base_only`).
+
+    Returns `(model, tokenizer)`; the tokenizer is the run's (its pad token and chat template)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from qloraga.data import prepare_tokenizer
+    from qloraga.loading import load_model, model_source
+
+    cfg = run.config
+    model = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, dtype=COMPUTE_DTYPES[dtype or cfg.dtype],
+                       trust_remote_code=cfg.trust_remote_code, quant_storage=QUANT_STORAGE[cfg.quant_storage])
+    source = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").exists() else model_source(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    prepare_tokenizer(tokenizer, cfg.chat_template)
+    if base_only:
+        return model.eval(), tokenizer
+    if checkpoint is None:
+        if not (run.adapter_dir / "adapter_config.json").exists():
+            have = available_checkpoints(run)
+            raise FileNotFoundError(f"{run.path} has no adapter/ (the run did not finish): pass --checkpoint N "
+                                    f"(checkpoints: {', '.join(map(str, have)) if have else 'none'}).")
+        model = PeftModel.from_pretrained(model, run.adapter_dir, autocast_adapter_dtype=False)
+    else:
+        with tempfile.TemporaryDirectory(prefix="qloraga-ckpt-") as tmp:
+            model = PeftModel.from_pretrained(model, checkpoint_adapter(run, checkpoint, tmp),
+                                              autocast_adapter_dtype=False)
+    return model.eval(), tokenizer

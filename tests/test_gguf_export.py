@@ -1,0 +1,240 @@
+"""GGUF export checked by llama.cpp itself (llama-cpp-python), on tiny llama, mistral and qwen2 runs with a
+byte-level BPE tokenizer: the merged f16 GGUF gives transformers' next-token logits and greedy continuations,
+the base GGUF plus adapter.gguf reproduces the PEFT adapter on the dequantized base, q8_0 loads and agrees
+roughly, the tokenizer and chat template survive, unsupported families and tokenizers are refused."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import FAMILIES, make_batches
+from peft import PeftModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from qloraga import QLoraGAConfig, get_qloraga_model, load_model
+from qloraga.config import RunConfig
+from qloraga.export import export_adapter
+from qloraga.export_cli import main as export_main
+from qloraga.gguf_export import GGUFExportError, ollama_template, pre_tokenizer, write_model_gguf
+
+gguf = pytest.importorskip("gguf")
+
+VOCAB = 320
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PROMPTS = ["The answer: 12 plus 7 is", "Tom has 3 apples", "<|im_start|>user\nHi there!<|im_end|>\n",
+           "café ünïcode (x) = [y] + {z};"]
+# max |logit(llama.cpp) - logit(transformers, fp32)| over every position of PROMPTS, as a fraction of the
+# logits' standard deviation (~1.2 here), with llama.cpp's KV cache in f32: f32 GGUFs (the exact tensors)
+# agree to ~5e-6, f16 GGUFs to ~1e-2 (weights rounded to f16 once).
+EXACT_TOL = 1e-4
+LOGIT_TOL = 2e-2
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE (ByteLevel pre-tokenizer and decoder) trained on a small corpus."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [f"The answer: {a} plus {b} is {a + b}. Tom has {a} apples and buys {b} more! café ünïcode (x) = [y]"
+              for a in range(30) for b in range(30)]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token=None)
+    out.chat_template = CHATML
+    return out
+
+
+def save_family(family: str, path) -> str:
+    from transformers import AutoModelForCausalLM
+
+    config = FAMILIES[family]()
+    config.vocab_size = VOCAB
+    config.initializer_range = 0.15  # sharper logits than the default 0.02: greedy choices are not near ties
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    byte_level_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def make_run(family: str, root) -> tuple[str, PeftModel]:
+    """A run folder as finetune writes it (config.yaml, adapter/), with adapters moved away from their init."""
+    model_dir = save_family(family, root / "model")
+    run = root / "run"
+    run.mkdir()
+    cfg = RunConfig(model=model_dir, load_in_4bit=True, dtype="float32", output_dir=str(run))
+    cfg.lora_ga = QLoraGAConfig(r=4, lora_alpha=8, adapter_dtype="float32", progress=False)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    base = load_model(model_dir, load_in_4bit=True, dtype=torch.float32)
+    batches = make_batches(seed=1)
+    for b in batches:
+        b["input_ids"] = b["input_ids"] * 2 % VOCAB
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    model = get_qloraga_model(base, cfg.lora_ga, batches)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # "training": the adapters move, so the correction and delta are not trivial
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * p.abs().mean().clamp_min(1e-3) * 0.5)
+    export_adapter(model, run / "adapter", tokenizer=PreTrainedTokenizerFast.from_pretrained(model_dir))
+    return str(run), model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def exported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    run, model = make_run(request.param, root)
+    assert export_main(["--run", run, "--format", "gguf", "--gguf-base"]) == 0
+    return request.param, run, model
+
+
+def llama_cpp_model(path, lora=None):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    kwargs = {"lora_path": str(lora)} if lora else {}
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, n_batch=64, logits_all=True,
+                               verbose=False, seed=0, type_k=0, type_v=0, **kwargs)  # f32 KV cache
+
+
+def cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+
+
+def greedy_cpp(llm, ids: list[int], n: int = 16) -> list[int]:
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(cpp_logits(llm, out)[-1].argmax()))
+    return out[len(ids):]
+
+
+def greedy_hf(model, ids: list[int], n: int = 16) -> list[int]:
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(hf_logits(model, out)[-1].argmax()))
+    return out[len(ids):]
+
+
+def prompt_ids(run: str) -> list[list[int]]:
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(run, "adapter"))
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+
+def compare(llm, model, run) -> float:
+    """Largest |llama.cpp - transformers| logit over all positions of all prompts, relative to the spread."""
+    worst = 0.0
+    for ids in prompt_ids(run):
+        ref = hf_logits(model, ids)
+        worst = max(worst, float(np.abs(cpp_logits(llm, ids) - ref).max() / ref.std()))
+    return worst
+
+
+def test_files_and_metadata(exported):
+    family, run, _ = exported
+    out = os.path.join(run, "gguf")
+    assert sorted(os.listdir(out)) == ["Modelfile", "adapter.gguf", "base-f16.gguf", "model-f16.gguf",
+                                       "model-q8_0.gguf"]
+    reader = gguf.GGUFReader(os.path.join(out, "model-f16.gguf"))
+    fields = {k: f.contents() for k, f in reader.fields.items() if k != "tokenizer.ggml.merges"}
+    assert fields["general.architecture"] == ("qwen2" if family == "qwen2" else "llama")
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.chat_template"] == CHATML
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(run, "adapter"))
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    adapter = gguf.GGUFReader(os.path.join(out, "adapter.gguf"))
+    assert adapter.fields["general.type"].contents() == "adapter"
+    assert adapter.fields["adapter.lora.alpha"].contents() == pytest.approx(16.0)  # 2 * alpha, rank 2r = 8
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in adapter.tensors}
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (64, 8)  # GGML order: (in, 2r)
+    with open(os.path.join(out, "Modelfile")) as f:
+        modelfile = f.read()
+    assert modelfile.startswith("FROM ./model-q8_0.gguf") and "<|im_start|>" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_merged_f16_matches_transformers(exported):
+    family, run, model = exported
+    llm = llama_cpp_model(os.path.join(run, "gguf", "model-f16.gguf"))
+    for text, ids in zip(PROMPTS, prompt_ids(run), strict=True):  # llama.cpp tokenizes as the HF tokenizer does
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    assert llm.detokenize(prompt_ids(run)[3]).decode() == PROMPTS[3]
+    worst = compare(llm, model, run)
+    print(f"{family}: merged f16 GGUF vs transformers, max |logit diff| / std = {worst:.2e}")
+    assert worst < LOGIT_TOL
+    for ids in prompt_ids(run):
+        assert greedy_cpp(llm, ids) == greedy_hf(model, ids)
+
+
+def test_merged_f32_is_exact(exported, tmp_path):
+    family, run, model = exported
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(run, "adapter"))
+    llm = llama_cpp_model(write_model_gguf(model, tok, tmp_path / "merged-f32.gguf", "f32"))
+    worst = compare(llm, model, run)
+    print(f"{family}: merged f32 GGUF vs transformers, max |logit diff| / std = {worst:.2e}")
+    assert worst < EXACT_TOL
+
+
+def test_base_plus_adapter_matches_peft(exported, tmp_path):
+    family, run, model = exported
+    adapter = os.path.join(run, "gguf", "adapter.gguf")
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(run, "adapter"))
+    base32 = write_model_gguf(model, tok, tmp_path / "base-f32.gguf", "f32", merged=False)
+    worst = compare(llama_cpp_model(base32, lora=adapter), model, run)
+    print(f"{family}: base f32 GGUF + adapter.gguf vs PEFT adapter, max |logit diff| / std = {worst:.2e}")
+    assert worst < EXACT_TOL  # the rank-2r adapter with permuted q/k rows is exactly the trained update
+    llm = llama_cpp_model(os.path.join(run, "gguf", "base-f16.gguf"), lora=adapter)
+    worst = compare(llm, model, run)
+    print(f"{family}: base f16 GGUF + adapter.gguf vs PEFT adapter, max |logit diff| / std = {worst:.2e}")
+    assert worst < LOGIT_TOL
+    for ids in prompt_ids(run):  # the same fine-tuned answers
+        assert greedy_cpp(llm, ids) == greedy_hf(model, ids)
+    base = llama_cpp_model(base32)
+    with model.disable_adapter():  # without the adapter, llama.cpp's base is the dequantized base
+        assert compare(base, model, run) < EXACT_TOL
+    assert compare(base, model, run) > 10 * LOGIT_TOL  # and the adapter does change the model
+
+
+def test_q8_0_loads_and_agrees(exported):
+    family, run, model = exported
+    llm = llama_cpp_model(os.path.join(run, "gguf", "model-q8_0.gguf"))
+    worst = compare(llm, model, run)
+    print(f"{family}: merged q8_0 GGUF vs transformers, max |logit diff| / std = {worst:.2e}")
+    assert worst < 0.3  # q8_0 rounds every weight block to 8 bits: a loose check that it loads and computes
+
+
+def test_refuses_unsupported(tmp_path, tiny_model_dir, capsys):
+    with pytest.raises(GGUFExportError, match="WordLevel"):
+        pre_tokenizer({"model": {"type": "WordLevel"}})
+    with pytest.raises(GGUFExportError, match="byte-level"):
+        pre_tokenizer({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace"}})
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(model=tiny_model_dir("phi3"), load_in_4bit=True, dtype="float32")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert export_main(["--run", str(run), "--format", "gguf"]) == 2
+    assert "llama, mistral, qwen2" in capsys.readouterr().err
+
+
+def test_ollama_templates():
+    from qloraga.data import FALLBACK_CHAT_TEMPLATE
+
+    assert ollama_template(CHATML, "<|im_end|>")[1] == ["<|im_start|>", "<|im_end|>"]
+    go, stops = ollama_template(FALLBACK_CHAT_TEMPLATE, "</s>")
+    assert "{{ .Content }}</s>" in go and "</s>" in stops
+    assert ollama_template("{{ something else }}", "</s>") == (None, ["</s>"])

@@ -9,7 +9,14 @@ import sys
 from typing import Any
 
 from qloraga.config import RunConfig, merge_settings
-from qloraga.presets import available_presets, detect_preset, load_preset, load_yaml
+from qloraga.presets import (
+    SAFE_DEFAULTS,
+    available_presets,
+    detect_preset,
+    load_preset,
+    load_yaml,
+    unknown_family_note,
+)
 
 # What a user can cause and fix: reported as one paragraph, no traceback (QLORAGA_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, MemoryError)
@@ -90,11 +97,13 @@ def resolve(args: dict[str, Any]) -> RunConfig:
     file_settings = load_yaml(args["config"]) if "config" in args else {}
     model = flags.get("model", file_settings.get("model", RunConfig.model))
     preset = flags.get("preset", file_settings.get("preset"))
-    if preset is None:
-        preset = "demo" if model == "demo" else detect_preset(model_type(model))
-        if preset is None:
-            print(f"[qloraga] note: no preset for {model!r}; using the built-in defaults", file=sys.stderr)
     settings = RunConfig().to_dict()
+    if preset is None:
+        family = None if model == "demo" else model_type(model)
+        preset = "demo" if model == "demo" else detect_preset(family)
+        if preset is None:
+            print(f"[qloraga] note: {unknown_family_note(model, family)}", file=sys.stderr)
+            settings = merge_settings(settings, SAFE_DEFAULTS)
     if preset:
         settings = merge_settings(settings, load_preset(preset))
     settings = merge_settings(merge_settings(settings, file_settings), flags)

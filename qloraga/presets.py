@@ -10,9 +10,12 @@ import yaml
 from qloraga.config import ConfigError, merge_settings
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # inside the package: wheels ship the presets
-# transformers' model_type -> preset name, where they differ.
-MODEL_TYPE_PRESETS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma": "gemma",
-                      "gemma2": "gemma", "phi3": "phi3"}
+# transformers' model_type -> preset name. SmolLM2 is model_type llama: `--preset smollm` sizes it as a small model.
+MODEL_TYPE_PRESETS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                      "gemma2": "gemma", "gemma3_text": "gemma3", "phi3": "phi3", "smollm3": "smollm"}
+# A family without a preset: what every model preset agrees on, over the library defaults. Adam steps at a
+# full-fine-tuning learning rate vanish in bf16 adapters, and the exact SVD of every layer is slow at 7B.
+SAFE_DEFAULTS = {"lora_ga": {"adapter_dtype": "float32", "svd_niter": 4}}
 
 
 def available_presets() -> list[str]:
@@ -56,3 +59,18 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
 def detect_preset(model_type: str | None) -> str | None:
     """The preset for a transformers `model_type`, or None when no family preset fits."""
     return MODEL_TYPE_PRESETS.get(model_type or "")
+
+
+def suggest_preset(model_type: str | None) -> str:
+    """The family preset whose name is the longest prefix of `model_type` (`qwen2_moe` -> qwen2), else llama."""
+    names = [n for n in available_presets() if n != "demo" and (model_type or "").startswith(n)]
+    return max(names, key=len, default="llama")
+
+
+def unknown_family_note(model: str, model_type: str | None) -> str:
+    """One line for a model without a family preset: the settings it gets and the preset to try."""
+    what = f"model_type {model_type!r}" if model_type else "a config.json that could not be read"
+    settings = ", ".join(f"lora_ga.{k}: {v}" for k, v in SAFE_DEFAULTS["lora_ga"].items())
+    return (f"no preset for {model!r} ({what}): using the defaults with {settings}, adapters on every linear "
+            f"layer of the decoder blocks; try --preset {suggest_preset(model_type)} if its layers match "
+            f"(presets: {', '.join(p for p in available_presets() if p != 'demo')}).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -20,19 +21,29 @@ torch.set_num_threads(2)
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
-FAMILIES = {
+FAMILIES = {  # key: the preset the family's model_type selects (Phi-4 is Phi3Config, SmolLM2 LlamaConfig)
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**COMMON),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
     "phi3": lambda: Phi3Config(**COMMON),
 }
+# Newer families, where this transformers has them: (config class, its extra arguments).
+NEWER = {
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8)),
+    "smollm": ("SmolLM3Config", dict(bos_token_id=1, eos_token_id=2)),
+}
+for _family, (_name, _extra) in NEWER.items():
+    _cls = getattr(transformers, _name, None)
+    if _cls is not None:
+        FAMILIES[_family] = lambda cls=_cls, extra=_extra: cls(**COMMON, **extra)
+# The preset a family's model_type selects, where it is not the family's own name.
+FAMILY_PRESETS = {"gemma2": "gemma"}
+LLAMA_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 # Every attention and MLP projection of each family, as the family's code names them.
-FAMILY_TARGETS = {
-    "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-    "mistral": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-    "qwen2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-    "gemma": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+FAMILY_TARGETS = {family: LLAMA_NAMES for family in FAMILIES} | {
     "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
 }
 

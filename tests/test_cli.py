@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import FAMILIES, FAMILY_TARGETS
+from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -58,12 +58,18 @@ def check_outputs(out, model_dir, targets):
     assert results["steps"] == 4 and results["after"]["eval_loss"] < results["before"]["eval_loss"]
 
 
+# The tiny Gemma 2 and 3 models (sqrt(hidden)-scaled embeddings, softcapping) get worse on their one held-out
+# record after 4 steps at lr 1e-3 (eval loss 4.54 -> 4.62 and 4.53 -> 4.60); at lower rates they learn.
+TINY_LR = {"gemma2": "1e-4", "gemma3": "3e-4"}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_with_its_detected_preset(tiny_model_dir, tmp_path, family):
     model = tiny_model_dir(family)
-    assert resolve({"model": model}).preset == family
+    assert resolve({"model": model}).preset == FAMILY_PRESETS.get(family, family)
     data = write_dataset(tmp_path / "train.jsonl", "prompt-completion")
-    assert run_cli(model, data, tmp_path / "out", "--4bit", "--dtype", "bfloat16") == 0  # the GPU default
+    lr = ("--lr", TINY_LR[family]) if family in TINY_LR else ()
+    assert run_cli(model, data, tmp_path / "out", "--4bit", "--dtype", "bfloat16", *lr) == 0  # the GPU default
     check_outputs(tmp_path / "out", model, FAMILY_TARGETS[family])
 
 

@@ -20,7 +20,8 @@ from qloraga.config import QLoraGAConfig
 from qloraga.io import save_tensors
 
 # Settings that change the factors; chunking, caching and progress bars do not.
-FACTOR_SETTINGS = ("r", "lora_alpha", "method", "direction", "scale", "stable_gamma", "seed", "svd_niter", "estimator")
+FACTOR_SETTINGS = ("r", "lora_alpha", "method", "direction", "scale", "stable_gamma", "lora_one_gamma", "seed",
+                   "svd_niter", "estimator")
 
 
 def fingerprint(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],

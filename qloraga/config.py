@@ -24,10 +24,28 @@ class ConfigError(ValueError):
     """A setting the user can fix; the message names the setting (or file and line) and the fix."""
 
 
+# LoRA-GA settings with a command-line flag: flag dest -> key in the `lora_ga` section.
+LORA_GA_FLAGS = {"rank": "r", "alpha": "lora_alpha", "init_memory_gb": "init_memory_gb", "direction": "direction",
+                 "estimator": "estimator", "power_iters": "power_iters", "oversample": "oversample"}
+# Run settings that only a YAML file (--config or a preset) sets; every other one has the flag of its name.
+YAML_ONLY = {"lr_scheduler", "warmup_ratio", "weight_decay", "chat_template", "precond_eps"}
+FLAG_DESTS = {"load_in_4bit": "4bit"}  # where the flag is not the key with dashes
+
+
+def option(key: str) -> str:
+    """A setting as the user writes it, flag and YAML key: `--rank / lora_ga.r`, `--seq-len / seq_len`, or the
+    YAML key alone (`lora_ga.scale`) when no flag sets it. `key` is a run key or `lora_ga.<key>`."""
+    if key.startswith("lora_ga."):
+        dest = next((d for d, k in LORA_GA_FLAGS.items() if k == key.removeprefix("lora_ga.")), None)
+    else:
+        dest = None if key in YAML_ONLY else FLAG_DESTS.get(key, key)
+    return f"--{dest.replace('_', '-')} / {key}" if dest else key
+
+
 def check_choice(name: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
     """Raise a ConfigError (a ValueError) that names the valid choices."""
     if value not in valid:
-        raise ConfigError(f"Unknown {name} {value!r}: choose one of {', '.join(map(repr, valid))}.")
+        raise ConfigError(f"Unknown {name}: {value!r}; choose one of {', '.join(map(repr, valid))}.")
 
 
 def fits(option: Any, value: Any) -> bool:
@@ -43,9 +61,10 @@ def fits(option: Any, value: Any) -> bool:
     return isinstance(option, type) and isinstance(value, option)
 
 
-def typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+def typed(cls: type, values: dict[str, Any], section: str = "") -> dict[str, Any]:
     """Check `values` against the field types of dataclass `cls`: a YAML typo gives a ConfigError, not a
-    TypeError from deep inside. Ints are accepted where floats are expected."""
+    TypeError from deep inside. Ints are accepted where floats are expected. `section` ("lora_ga.") prefixes
+    the keys in messages."""
     if not isinstance(values, dict):
         raise ConfigError(f"{cls.__name__} settings must be a mapping, got {values!r}.")
     hints = get_type_hints(cls)
@@ -58,7 +77,7 @@ def typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
         if not (value is None and type(None) in options) and not any(fits(o, value) for o in options):
             wanted = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-            raise ConfigError(f"Setting {name!r} must be {wanted}, got {value!r}.")
+            raise ConfigError(f"{option(section + name)} must be {wanted}, got {value!r}.")
         out[name] = float(value) if hint is float else value
     return out
 
@@ -81,6 +100,10 @@ class QLoraGAConfig:
     direction: str = "ArB2r"
     scale: str = "stable"
     stable_gamma: float = 16.0
+    # LoRA-One's gamma (the same `stable` formula): step 0 moves each weight by `s sqrt(out) / gamma` in
+    # spectral norm. The paper code's 16 moved SmolLM2's 576-wide layers by 3 and raised its held-out loss
+    # from 5.2 to 62; 1024-4096 lowered it at step 0 (validation splits of bench/real_convergence.py).
+    lora_one_gamma: float = 2048.0
     init_memory_gb: float = 4.0
     chunk_blocks: int | None = None
     seed: int = 0
@@ -104,27 +127,27 @@ class QLoraGAConfig:
         return ADAPTER_DTYPES[self.adapter_dtype]
 
     def validate(self) -> QLoraGAConfig:
-        check_choice("method", self.method, METHODS)
-        check_choice("direction", self.direction, DIRECTIONS)
-        check_choice("scale", self.scale, SCALES)
-        check_choice("adapter_dtype", self.adapter_dtype, list(ADAPTER_DTYPES))
-        check_choice("estimator", self.estimator, ESTIMATORS)
-        if self.oversample < 0 or self.power_iters < 0:
-            raise ConfigError(f"oversample and power_iters must be 0 or more, got {self.oversample} and "
-                              f"{self.power_iters}.")
+        for name, valid in [("method", METHODS), ("direction", DIRECTIONS), ("scale", SCALES),
+                            ("adapter_dtype", list(ADAPTER_DTYPES)), ("estimator", ESTIMATORS)]:
+            check_choice(option(f"lora_ga.{name}"), getattr(self, name), valid)
+        for name in ("oversample", "power_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{option('lora_ga.' + name)} must be 0 or more, got {getattr(self, name)}.")
         if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}: use e.g. r=8.")
+            raise ConfigError(f"{option('lora_ga.r')} (the LoRA rank) must be a positive integer, got {self.r!r}: "
+                              "use e.g. 8 or 16.")
         if not self.lora_alpha > 0:
-            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}: use e.g. 2*r.")
+            raise ConfigError(f"{option('lora_ga.lora_alpha')} must be positive, got {self.lora_alpha!r}: use e.g. "
+                              "twice the rank.")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+            raise ConfigError(f"{option('lora_ga.lora_dropout')} must be in [0, 1), got {self.lora_dropout!r}.")
         if not self.stable_gamma > 0:
-            raise ConfigError(f"stable_gamma must be positive, got {self.stable_gamma!r}.")
+            raise ConfigError(f"{option('lora_ga.stable_gamma')} must be positive, got {self.stable_gamma!r}.")
         if not self.init_memory_gb > 0:
-            raise ConfigError(f"init_memory_gb must be positive, got {self.init_memory_gb!r}.")
+            raise ConfigError(f"{option('lora_ga.init_memory_gb')} must be positive, got {self.init_memory_gb!r}.")
         if self.chunk_blocks is not None and self.chunk_blocks < 1:
-            raise ConfigError(f"chunk_blocks must be at least 1 (or None to plan from init_memory_gb), "
-                             f"got {self.chunk_blocks!r}.")
+            raise ConfigError(f"{option('lora_ga.chunk_blocks')} must be at least 1 (or null to plan from "
+                              f"init_memory_gb), got {self.chunk_blocks!r}.")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         return self
@@ -135,7 +158,7 @@ class QLoraGAConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QLoraGAConfig:
         """Build from a mapping, refusing unknown keys and wrong types (a typo must not pass silently)."""
-        return cls(**typed(cls, values)).validate()
+        return cls(**typed(cls, values, "lora_ga.")).validate()
 
 
 @dataclass
@@ -183,24 +206,21 @@ class RunConfig:
     lora_ga: QLoraGAConfig = field(default_factory=QLoraGAConfig)
 
     def validate(self) -> RunConfig:
-        check_choice("init", self.init, INITS)
-        check_choice("quant_storage", self.quant_storage, list(QUANT_STORAGE))
-        check_choice("dtype", self.dtype, list(COMPUTE_DTYPES))
-        if self.ga_batches < 1:
-            raise ConfigError(f"--ga-batches must be at least 1, got {self.ga_batches}.")
-        for name in ("batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):
+        for name, valid in [("init", INITS), ("quant_storage", list(QUANT_STORAGE)), ("dtype", list(COMPUTE_DTYPES))]:
+            check_choice(option(name), getattr(self, name), valid)
+        for name in ("ga_batches", "batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+                raise ConfigError(f"{option(name)} must be at least 1, got {getattr(self, name)}.")
         if not 0 < self.lr < math.inf:
-            raise ConfigError(f"--lr must be positive, got {self.lr}.")
+            raise ConfigError(f"{option('lr')} must be positive, got {self.lr}.")
         if self.max_steps <= 0 and not 0 < self.epochs < math.inf:
-            raise ConfigError("Give a positive --max-steps or --epochs.")
+            raise ConfigError(f"Give a positive {option('max_steps')} or {option('epochs')}.")
         if not 0 < self.eval_split < 1:
-            raise ConfigError(f"--eval-split must be between 0 and 1, got {self.eval_split}.")
+            raise ConfigError(f"{option('eval_split')} must be between 0 and 1, got {self.eval_split}.")
         if not self.precond_eps > 0:
-            raise ConfigError(f"precond_eps must be positive, got {self.precond_eps}.")
+            raise ConfigError(f"{option('precond_eps')} must be positive, got {self.precond_eps}.")
         if self.eval_samples < 0:
-            raise ConfigError(f"--eval-samples must be 0 or more, got {self.eval_samples}.")
+            raise ConfigError(f"{option('eval_samples')} must be 0 or more, got {self.eval_samples}.")
         self.lora_ga.validate()
         return self
 

@@ -156,7 +156,7 @@ def lora_one_factors(
     r: int,
     *,
     scale: str = QLoraGAConfig.scale,
-    stable_gamma: float = QLoraGAConfig.stable_gamma,
+    stable_gamma: float = QLoraGAConfig.lora_one_gamma,
     scaling: float = 1.0,
     weight: torch.Tensor | None = None,
     svd_niter: int | None = None,
@@ -179,7 +179,7 @@ def lora_one_from_spectrum(
     r: int,
     *,
     scale: str = QLoraGAConfig.scale,
-    stable_gamma: float = QLoraGAConfig.stable_gamma,
+    stable_gamma: float = QLoraGAConfig.lora_one_gamma,
     scaling: float = 1.0,
     weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,16 +71,16 @@ def factorise_layer(name: str, layer: nn.Linear, config: QLoraGAConfig,
     if not probe.any():
         return None
     weight = dequantized_weight(layer) if config.scale == "weight_svd" else None
-    settings = dict(scale=config.scale, stable_gamma=config.stable_gamma, scaling=config.scaling, weight=weight)
+    settings = dict(scale=config.scale, scaling=config.scaling, weight=weight)
     if config.method == "lora-one":  # the top-r triplets of -G
         if isinstance(source, torch.Tensor):
             spectrum = top_singular(-source, config.r, config.svd_niter)
         else:
             spectrum = Spectrum(-source.spectrum.u, source.spectrum.s, source.spectrum.vt)
-        return lora_one_from_spectrum(spectrum, config.r, **settings)
+        return lora_one_from_spectrum(spectrum, config.r, stable_gamma=config.lora_one_gamma, **settings)
     u, _, vt = top_singular(source, 2 * config.r, config.svd_niter) if isinstance(source, torch.Tensor) \
         else source.spectrum
-    return factors_from_singular_vectors(u, vt, config.r, direction=config.direction,
+    return factors_from_singular_vectors(u, vt, config.r, direction=config.direction, stable_gamma=config.stable_gamma,
                                          generator=layer_generator(config.seed, name), **settings)
 
 

@@ -62,7 +62,7 @@ def test_lora_one_step0_is_a_rank_r_gradient_step_on_the_4bit_base(tiny_model_di
     for name, layer in layers.items():
         a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
         step0 = layer.scaling["default"] * b @ a
-        want = expected_step0(grads[name], R, "stable", config.stable_gamma, config.scaling)
+        want = expected_step0(grads[name], R, "stable", config.lora_one_gamma, config.scaling)
         assert rel(step0, want) < (1e-3 if estimator == "exact" else 5e-2), name
 
 

@@ -1,5 +1,8 @@
 """qloraga: LoRA-GA initialisation for fine-tuning 4-bit (NF4) quantized causal LMs."""
 
+import qloraga.noise  # noqa: F401  (first: filters third-party noise, some logged when bitsandbytes is imported)
+
+# isort: split
 from qloraga.adapters import get_qloraga_model
 from qloraga.config import QLoraGAConfig
 from qloraga.export import export_adapter

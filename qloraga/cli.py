@@ -8,7 +8,7 @@ import pickle
 import sys
 from typing import Any
 
-from qloraga.config import RunConfig, merge_settings
+from qloraga.config import LORA_GA_FLAGS, RunConfig, merge_settings
 from qloraga.presets import (
     SAFE_DEFAULTS,
     available_presets,
@@ -20,9 +20,6 @@ from qloraga.presets import (
 
 # What a user can cause and fix: reported as one paragraph, no traceback (QLORAGA_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, MemoryError)
-# flag dest -> key in the lora_ga section
-LORA_GA_FLAGS = {"rank": "r", "alpha": "lora_alpha", "init_memory_gb": "init_memory_gb", "direction": "direction",
-                 "estimator": "estimator", "power_iters": "power_iters", "oversample": "oversample"}
 
 
 def parser() -> argparse.ArgumentParser:

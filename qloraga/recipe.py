@@ -15,20 +15,13 @@ from transformers import AutoTokenizer, set_seed
 from qloraga import distributed
 from qloraga.adapters import get_lora_model, get_qloraga_model
 from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
-from qloraga.data import (
-    Collator,
-    gradient_batches,
-    pack,
-    prepare_tokenizer,
-    read_records,
-    split,
-    tokenize,
-)
+from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, tokenize
 from qloraga.evaluation import exact_match, held_out_loss
 from qloraga.export import export_adapter
 from qloraga.io import save_json
-from qloraga.loading import causal_lm_config, load_model, model_source
+from qloraga.loading import load_model, model_source
 from qloraga.memory import memory_kind, peak_memory_gb
+from qloraga.preflight import check_run
 from qloraga.training import GracefulInterrupt, StopOnNonFiniteLoss, build_trainer, last_checkpoint, plot_loss
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -96,6 +89,7 @@ def finetune(cfg: RunConfig) -> Path:
     """Run one fine-tuning job and return its output folder."""
     cfg = resolve_demo(cfg.validate())
     PartialState()  # joins the process group under torchrun / accelerate launch; nothing in one process
+    checked = check_run(cfg)  # model config, targets, rank, data fields: before any weight, token or output file
     main = distributed.is_main()  # only rank 0 writes files, logs and evaluates
     out = Path(distributed.broadcast_object(str(cfg.output_dir or default_output_dir(cfg))))
     if main:
@@ -105,16 +99,11 @@ def finetune(cfg: RunConfig) -> Path:
     set_seed(cfg.seed)
     start = time.perf_counter()
 
-    # Data.
-    causal_lm_config(cfg.model, cfg.trust_remote_code)  # a wrong model fails here, before any work
+    # Data (read and checked above).
     tokenizer = AutoTokenizer.from_pretrained(model_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
     for fix in prepare_tokenizer(tokenizer, cfg.chat_template):
         say(f"note: {fix}")
-    records = read_records(cfg.dataset)
-    if cfg.eval_dataset:
-        train_records, eval_records = records, read_records(cfg.eval_dataset)
-    else:
-        train_records, eval_records = split(records, cfg.eval_split, cfg.seed)
+    train_records, eval_records = checked.train_records, checked.eval_records
     train_examples, report = tokenize(train_records, cfg.dataset_format, tokenizer, cfg.seq_len)
     eval_examples, _ = tokenize(eval_records, cfg.dataset_format, tokenizer, cfg.seq_len)
     say(f"data: {report.examples} training examples ({report.truncated} truncated to --seq-len {cfg.seq_len}, "

@@ -73,7 +73,7 @@ def test_malformed_yaml_names_file_and_line(tiny_model_dir, tmp_path, data, caps
 def test_wrong_type_in_config(tiny_model_dir, tmp_path, data, capsys):
     (tmp_path / "c.yaml").write_text("warmup_ratio: lots\n")
     code = run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--config", str(tmp_path / "c.yaml"))
-    fails_with(capsys, code, "'warmup_ratio' must be float")
+    fails_with(capsys, code, "warmup_ratio must be float")
 
 
 @pytest.mark.parametrize(("content", "needle", "extra"), [

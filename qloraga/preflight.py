@@ -1,0 +1,84 @@
+"""What can be checked before any weight is loaded, any data tokenized or any output written.
+
+From the resolved configuration, the model's config.json and the dataset's records: the model is a causal LM,
+the target modules exist and the rank fits the smallest of them (on a skeleton of the model built on the meta
+device: its module names and shapes, no memory), the data files read, their format is known and every record
+has the fields it needs. Each message names the flag or YAML key to change. The same checks run again where
+the work happens (`get_qloraga_model`, `tokenize`), for library users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from qloraga.adapters import check_target_rank
+from qloraga.config import ConfigError, RunConfig, option
+from qloraga.data import DataError, check_record, read_records, resolve_format, split
+from qloraga.loading import causal_lm_config
+from qloraga.targets import find_target_layers
+
+
+@dataclass
+class Checked:
+    """What the checks read, for the run to reuse: the model's config and the records, split."""
+
+    model_config: PretrainedConfig
+    train_records: list[dict[str, Any]]
+    eval_records: list[dict[str, Any]]
+
+
+def model_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module | None:
+    """The model's modules on the meta device (no weights, no memory), or None where that cannot be built."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an exotic architecture: the same checks run on the loaded model instead
+        return None
+
+
+def check_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
+    """`lora_ga.target_modules` select linear layers of this model, and the rank fits the smallest of them."""
+    skeleton = model_skeleton(config, cfg.trust_remote_code)
+    if skeleton is None:
+        return
+    try:
+        targets = find_target_layers(skeleton, cfg.lora_ga.target_modules)
+    except ValueError as exc:
+        raise ConfigError(f"{option('lora_ga.target_modules')}: {exc}") from exc
+    r = cfg.lora_ga.r
+    try:  # LoRA-GA takes 2r singular directions of each gradient; LoRA-One and plain LoRA r
+        check_target_rank(targets, r, 2 * r if cfg.init == "lora-ga" else r)
+    except ValueError as exc:
+        raise ConfigError(f"{option('lora_ga.r')} {r} does not fit this model: {exc}") from exc
+
+
+def check_records(records: list[dict[str, Any]], fmt: str, source: str, flag: str) -> None:
+    """The format is known (or detected from the first record) and every record has the fields it needs."""
+    record_fmt = None
+    try:
+        record_fmt = resolve_format(records, fmt)
+        for index, record in enumerate(records):
+            check_record(record, record_fmt, index)
+    except DataError as exc:
+        detected = (f" (format {record_fmt!r}, detected from the first record; --dataset-format sets it)"
+                    if fmt == "auto" and record_fmt else "")
+        raise DataError(f"{flag} {source}: {exc}{detected}") from exc
+
+
+def check_run(cfg: RunConfig) -> Checked:
+    """Every check that needs no weights and no tokenizer; raises a ConfigError or DataError naming the setting."""
+    config = causal_lm_config(cfg.model, cfg.trust_remote_code)
+    check_targets(cfg, config)
+    records = read_records(cfg.dataset)
+    check_records(records, cfg.dataset_format, cfg.dataset, "--dataset")
+    if cfg.eval_dataset:
+        eval_records = read_records(cfg.eval_dataset)
+        check_records(eval_records, cfg.dataset_format, cfg.eval_dataset, "--eval-dataset")
+        return Checked(config, records, eval_records)
+    return Checked(config, *split(records, cfg.eval_split, cfg.seed))

@@ -1,0 +1,132 @@
+"""Bad options fail before any weight is loaded, any data tokenized or any output written, naming the flag or
+YAML key the user wrote; the third-party noise qloraga filters stays filtered."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+from test_cli import run_cli, write_dataset
+
+import qloraga.recipe as recipe
+from qloraga.cli import parser, resolve
+from qloraga.config import LORA_GA_FLAGS, YAML_ONLY, ConfigError, QLoraGAConfig, RunConfig, option
+from qloraga.loading import causal_lm_config
+from qloraga.preflight import check_targets
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading weights or tokenizing fails the test: the errors below must come before either."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("weights loaded or data tokenized before the options were checked")
+
+    monkeypatch.setattr(recipe, "load_model", forbidden)
+    monkeypatch.setattr(recipe, "tokenize", forbidden)
+    monkeypatch.setattr(recipe.AutoTokenizer, "from_pretrained", forbidden)
+
+
+def fails_early(capsys, out, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()  # no half-made run to --overwrite afterwards
+    return err
+
+
+@pytest.mark.parametrize(("rank", "init", "limit"), [(100000, "lora-ga", "r <= 16"), (33, "lora-ga", "r <= 16"),
+                                                     (65, "lora", "r <= 32")])
+def test_rank_too_large_for_the_smallest_target(tiny_model_dir, tmp_path, capsys, no_work, rank, init, limit):
+    data = write_dataset(tmp_path / "d.jsonl", "prompt-completion")
+    code = run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--rank", str(rank), "--init", init)
+    fails_early(capsys, tmp_path / "out", code, "--rank / lora_ga.r", limit)
+
+
+def test_rank_fits_plain_lora_but_not_lora_ga(tiny_model_dir):
+    model = tiny_model_dir("llama")  # hidden 64: LoRA-GA takes 2r directions, plain LoRA r
+    config = causal_lm_config(model)
+    cfg = resolve({"model": model, "rank": 24})
+    with pytest.raises(ConfigError, match=r"--rank / lora_ga\.r 24"):
+        check_targets(cfg, config)
+    check_targets(dataclasses.replace(cfg, init="lora"), config)
+
+
+def test_rank_zero_names_the_flag(tiny_model_dir, tmp_path, capsys, no_work):
+    data = write_dataset(tmp_path / "d.jsonl", "prompt-completion")
+    code = run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--rank", "0")
+    fails_early(capsys, tmp_path / "out", code, "--rank / lora_ga.r", "positive integer")
+
+
+def test_unknown_target_modules_name_the_yaml_key(tiny_model_dir, tmp_path, capsys, no_work):
+    (tmp_path / "c.yaml").write_text("lora_ga:\n  target_modules: [q_prj]\n")
+    data = write_dataset(tmp_path / "d.jsonl", "prompt-completion")
+    code = run_cli(tiny_model_dir("phi3"), data, tmp_path / "out", "--config", str(tmp_path / "c.yaml"))
+    fails_early(capsys, tmp_path / "out", code, "lora_ga.target_modules", "'q_prj'", "qkv_proj")
+
+
+@pytest.mark.parametrize(("rows", "extra", "needles"), [
+    ([{"prompt": "1", "completion": " 2"}, {"prompt": "1 plus 1"}], (),
+     ("--dataset", "Record 2 lacks ['completion']", "detected from the first record")),
+    ([{"question": "1?", "answer": "2"}], (), ("--dataset", "--dataset-format", "['answer', 'question']")),
+    ([{"prompt": "1", "completion": " 2"}], ("--dataset-format", "alpaca"), ("Record 1 lacks ['instruction', "
+                                                                            "'output']",)),
+])
+def test_dataset_fields_are_checked_before_tokenizing(tiny_model_dir, tmp_path, capsys, no_work, rows, extra,
+                                                      needles):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    code = run_cli(tiny_model_dir("llama"), str(path), tmp_path / "out", *extra)
+    fails_early(capsys, tmp_path / "out", code, str(path), *needles)
+
+
+def test_eval_dataset_is_checked_too(tiny_model_dir, tmp_path, capsys, no_work):
+    data = write_dataset(tmp_path / "d.jsonl", "prompt-completion")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"prompt": "1"}) + "\n")
+    code = run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--eval-dataset", str(tmp_path / "e.jsonl"))
+    fails_early(capsys, tmp_path / "out", code, "--eval-dataset", "Cannot tell the dataset format")
+
+
+@pytest.mark.parametrize(("settings", "needle"), [
+    ({"seq_len": 0}, "--seq-len / seq_len must be at least 1"),
+    ({"lr": 0.0}, "--lr / lr must be positive"),
+    ({"init": "loraga"}, "Unknown --init / init: 'loraga'"),
+    ({"warmup_ratio": "lots"}, "warmup_ratio must be float"),
+    ({"lora_ga": {"lora_alpha": -1}}, "--alpha / lora_ga.lora_alpha must be positive"),
+    ({"lora_ga": {"scale": "loud"}}, "Unknown lora_ga.scale: 'loud'"),
+    ({"lora_ga": {"r": "8"}}, "--rank / lora_ga.r must be int"),
+])
+def test_messages_name_flag_and_yaml_key(settings, needle):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict(settings)
+    assert needle in str(info.value)
+
+
+def test_every_named_flag_exists():
+    """`option()` names a flag for a setting only where the parser has one, and every flag's setting exists."""
+    flags = {a.dest for a in parser()._actions if not isinstance(a, argparse._HelpAction)}
+    for key in (f.name for f in dataclasses.fields(RunConfig) if f.name != "lora_ga"):
+        named = option(key)
+        if key in YAML_ONLY:
+            assert named == key and key not in flags, key
+        else:
+            assert named.startswith("--") and key in flags, key
+    assert set(LORA_GA_FLAGS) <= flags
+    assert set(LORA_GA_FLAGS.values()) <= {f.name for f in dataclasses.fields(QLoraGAConfig)}
+    assert flags - set(LORA_GA_FLAGS) - {"config"} <= {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def test_third_party_noise_is_filtered():
+    """bitsandbytes' import-time kernel note and PEFT's use of a deprecated transformers name stay quiet."""
+    code = ("import qloraga, torch; from peft import LoraConfig, get_peft_model; "
+            "from transformers import LlamaConfig, LlamaForCausalLM; "
+            "m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, "
+            "num_hidden_layers=1, num_attention_heads=2)); get_peft_model(m, LoraConfig(r=2))")
+    result = subprocess.run([sys.executable, "-W", "always::FutureWarning", "-c", code], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "gemm_4bit_forward" not in result.stderr and "is_gradient_checkpointing" not in result.stderr

@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             check_gguf_run(run)
         model, tokenizer = load_run_model(run, checkpoint=args.checkpoint, dtype=args.dtype)
         if args.format == "gguf":
-            out = export_gguf(model, tokenizer, args.output or run.path / "gguf", base=args.gguf_base)
-            print(f"GGUF files written to {out}: adapter.gguf, model-f16.gguf, model-q8_0.gguf, Modelfile"
-                  f"{', base-f16.gguf' if args.gguf_base else ''}. Ollama: cd {out} && ollama create NAME -f Modelfile")
+            out = args.output or run.path / "gguf"
+            written = export_gguf(model, tokenizer, out, base=args.gguf_base)
+            print(f"GGUF files written to {out}: {', '.join(p.name for p in written)}."
+                  + (f" Ollama: cd {out} && ollama create NAME -f Modelfile" if len(written) > 1 else ""))
             return 0
         out = export_adapter(model, args.output or run.path / "merged", merged=True, tokenizer=tokenizer)
     except (ValueError, OSError) as exc:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,8 +156,7 @@ def pre_tokenizer(spec: dict) -> str:
     byte_level = items[-1] if items and kinds[-1] == "ByteLevel" else None
     if byte_level is None or byte_level.get("add_prefix_space"):
         raise GGUFExportError("GGUF export supports byte-level BPE tokenizers (a ByteLevel pre-tokenizer without "
-                              f"prefix space); this one has pre-tokenizers {kinds} (SentencePiece-style tokenizers "
-                              "such as Llama 2's are not supported yet).")
+                              f"prefix space); this one has pre-tokenizers {kinds}.")
     regex = byte_level.get("use_regex", True)
     if kinds == ["ByteLevel"] and regex:
         return "gpt-2"
@@ -374,20 +374,38 @@ def write_modelfile(tokenizer, path: str | os.PathLike, model_file: str = "./mod
     return path
 
 
-def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: bool = False) -> Path:
+def sentencepiece_like(spec: dict) -> bool:
+    """A BPE with byte fallback (Llama 2, Mistral 7B): llama.cpp has it (from tokenizer.model), this export not."""
+    model = spec.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: bool = False) -> list[Path]:
     """Write `adapter.gguf`, `model-f16.gguf`, `model-q8_0.gguf` and `Modelfile` into `out_dir`; with `base`
-    also `base-f16.gguf`, the dequantized base the adapter was trained on (for llama.cpp's --lora)."""
+    also `base-f16.gguf`, the dequantized base the adapter was trained on (for llama.cpp's --lora).
+
+    A SentencePiece-style tokenizer (BPE with byte fallback) gets `adapter.gguf` alone, for a base GGUF made by
+    llama.cpp's convert_hf_to_gguf.py (a warning says so). Returns the files written."""
     out_dir = Path(out_dir)
     architecture(model.get_base_model().config)  # refuse an unsupported family before writing anything
-    pre_tokenizer(json.loads(tokenizer.backend_tokenizer.to_str()))
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    adapter_only = sentencepiece_like(spec)
+    if not adapter_only:
+        pre_tokenizer(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_adapter_gguf(model, out_dir / "adapter.gguf")
-    write_model_gguf(model, tokenizer, out_dir / "model-f16.gguf", "f16")
-    write_model_gguf(model, tokenizer, out_dir / "model-q8_0.gguf", "q8_0")
+    written = [write_adapter_gguf(model, out_dir / "adapter.gguf")]
+    if adapter_only:
+        warnings.warn("This SentencePiece-style tokenizer cannot be written to GGUF here: only adapter.gguf was "
+                      "written, for a base GGUF of the same model made by llama.cpp's convert_hf_to_gguf.py. For "
+                      "the merged model, convert the merged folder (export --format merged) with that script.",
+                      stacklevel=2)
+        return written
+    written.append(write_model_gguf(model, tokenizer, out_dir / "model-f16.gguf", "f16"))
+    written.append(write_model_gguf(model, tokenizer, out_dir / "model-q8_0.gguf", "q8_0"))
     if base:
-        write_model_gguf(model, tokenizer, out_dir / "base-f16.gguf", "f16", merged=False)
-    write_modelfile(tokenizer, out_dir / "Modelfile")
-    return out_dir
+        written.append(write_model_gguf(model, tokenizer, out_dir / "base-f16.gguf", "f16", merged=False))
+    written.append(write_modelfile(tokenizer, out_dir / "Modelfile"))
+    return written
 
 
 def check_gguf_run(run) -> None:
@@ -400,4 +418,6 @@ def check_gguf_run(run) -> None:
     adapter = run.adapter_dir
     source = adapter if (adapter / "tokenizer_config.json").exists() else model_source(run.config.model)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=run.config.trust_remote_code)
-    pre_tokenizer(json.loads(tokenizer.backend_tokenizer.to_str()))
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if not sentencepiece_like(spec):
+        pre_tokenizer(spec)

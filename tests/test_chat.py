@@ -100,3 +100,12 @@ def test_errors(demo_run, tmp_path, capsys):
     assert "config.yaml" in capsys.readouterr().err
     assert chat_main(["--run", str(demo_run), "--checkpoint", "99", "--prompt", "x"]) == 2
     assert "2, 3" in capsys.readouterr().err
+
+
+def test_demo_has_no_gguf_tokenizer(demo_run, capsys):
+    from qloraga.export_cli import main as export_main
+
+    assert export_main(["--run", str(demo_run), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "WordLevel" in err and "merged folder" in err
+    assert not (demo_run / "gguf").exists()

@@ -54,7 +54,22 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return out
 
 
-def save_family(family: str, path) -> str:
+def sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama 2 style tokenizer.json: BPE with byte fallback, `▁` for spaces."""
+    from tokenizers import normalizers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([f"{a} plus {b} is {a + b}" for a in range(30) for b in range(30)],
+                            trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+
+
+def save_family(family: str, path, tokenizer=byte_level_tokenizer) -> str:
     from transformers import AutoModelForCausalLM
 
     config = FAMILIES[family]()
@@ -63,13 +78,13 @@ def save_family(family: str, path) -> str:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path)
-    byte_level_tokenizer().save_pretrained(path)
+    tokenizer().save_pretrained(path)
     return str(path)
 
 
-def make_run(family: str, root) -> tuple[str, PeftModel]:
+def make_run(family: str, root, tokenizer=byte_level_tokenizer) -> tuple[str, PeftModel]:
     """A run folder as finetune writes it (config.yaml, adapter/), with adapters moved away from their init."""
-    model_dir = save_family(family, root / "model")
+    model_dir = save_family(family, root / "model", tokenizer)
     run = root / "run"
     run.mkdir()
     cfg = RunConfig(model=model_dir, load_in_4bit=True, dtype="float32", output_dir=str(run))
@@ -229,6 +244,14 @@ def test_refuses_unsupported(tmp_path, tiny_model_dir, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     assert export_main(["--run", str(run), "--format", "gguf"]) == 2
     assert "llama, mistral, qwen2" in capsys.readouterr().err
+
+
+def test_sentencepiece_tokenizer_gets_the_adapter_only(tmp_path, capsys):
+    run, _ = make_run("llama", tmp_path, sentencepiece_like_tokenizer)
+    with pytest.warns(UserWarning, match="only adapter.gguf"):
+        assert export_main(["--run", run, "--format", "gguf"]) == 0
+    assert os.listdir(os.path.join(run, "gguf")) == ["adapter.gguf"]
+    assert "adapter.gguf." in capsys.readouterr().out
 
 
 def test_ollama_templates():

@@ -2,7 +2,7 @@
 memory readings, the fresh-subprocess harness, and result tables/JSON.
 
 Why a fresh subprocess per configuration: a process's peak RSS (VmHWM) only grows, and `ru_maxrss` of a
-child inherits the parent's peak across fork/exec (shared ALGORITHM.md section 5). Each child reads its
+child inherits the parent's peak across fork/exec (docs/ALGORITHM.md section 6). Each child reads its
 own VmHWM after restarting the counter with `/proc/self/clear_refs`; on a GPU it reads
 `torch.cuda.max_memory_allocated` instead.
 """

@@ -8,7 +8,7 @@ the frozen buffers `qloraga_A0`, `qloraga_B0`. A PEFT `LoraVariant` makes the la
 as one rank-2r product, so the two terms cancel in fp32 before anything is rounded to bf16: at step 0
 the model computes the quantized base (to ~1e-7), and it computes what the exported rank-2r adapter
 computes. (Two adapters added one after the other round `base + s B A x` to bf16 first, which leaves
-an error of ~1e-2; shared ALGORITHM.md section 5.)
+an error of ~1e-2; docs/ALGORITHM.md sections 2 and 6.)
 """
 
 from __future__ import annotations

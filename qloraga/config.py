@@ -84,7 +84,7 @@ def typed(cls: type, values: dict[str, Any], section: str = "") -> dict[str, Any
 
 @dataclass
 class QLoraGAConfig:
-    """How to initialise and wire the LoRA-GA adapters (formulas: shared ALGORITHM.md section 2).
+    """How to initialise and wire the LoRA-GA adapters (formulas: docs/ALGORITHM.md section 1).
 
     `target_modules=None` targets every linear layer inside the decoder blocks, i.e. every
     attention and MLP projection of any family (Llama, Mistral, Qwen2, Gemma, Phi-3, ...).

@@ -1,6 +1,6 @@
 """The initial adapter factors of one layer, from its gradient: pure tensor math, no model.
 
-LoRA-GA (the paper's formulas, docs/ALGORITHM.md section 2, not PEFT's): singular values multiply nothing,
+LoRA-GA (the paper's formulas, docs/ALGORITHM.md section 1, not PEFT's): singular values multiply nothing,
 `stable` scales both factors, `random` draws disjoint index halves for A and B; the model keeps its step-0
 output through a frozen correction. LoRA-One (docs/ALGORITHM.md section 3): the top-r singular triplets of
 `-G`, weighted by `sqrt(S / S_1)`, with no correction, so step 0 already carries a scaled rank-r step.

@@ -2,7 +2,7 @@
 
 On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` weight in place at its first
 inference forward; afterwards `dequantize_4bit` returns wrong values and the forward has no autograd
-kernel (shared ALGORITHM.md section 5). Every model that passes through qloraga has that switched off.
+kernel (docs/ALGORITHM.md section 6). Every model that passes through qloraga has that switched off.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Riemannian-preconditioned optimizers for LoRA (Zhang and Pilanci, ICML 2024, arXiv 2402.02347).
+"""Riemannian-preconditioned optimizers for LoRA (Zhang and Pilanci, ICML 2024, arXiv 2402.02347;
+docs/ALGORITHM.md section 4).
 
 Each LoRA layer's gradients are preconditioned by an r x r matrix before the usual update:
 

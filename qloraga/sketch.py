@@ -7,6 +7,7 @@ power iteration the factors come from that single pass (Tropp et al. 2017, "Prac
 algorithms for low-rank matrix approximation"); each further pass multiplies by G and G^T again with
 the orthonormalised sketches (subspace iteration), and the final estimate is `G P P^T` for the latest
 row basis P. The gradient must be deterministic across passes (dropout off, same batches).
+(docs/ALGORITHM.md section 5.)
 """
 
 from __future__ import annotations

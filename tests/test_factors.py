@@ -12,7 +12,7 @@ M, N, R = 48, 64, 4
 
 
 def decaying_grad(seed: int = 0) -> torch.Tensor:
-    """48x64 gradient with singular values 2^(-i/2) (the example of shared ALGORITHM.md)."""
+    """48x64 gradient with singular values 2^(-i/2) (the example of docs/ALGORITHM.md section 1)."""
     g = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(M, M, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
@@ -21,7 +21,7 @@ def decaying_grad(seed: int = 0) -> torch.Tensor:
 
 
 def expected(grad, r, direction, scale, gamma, scaling, weight):
-    """The table of ALGORITHM.md section 2, written out independently of the library."""
+    """The table of docs/ALGORITHM.md section 1, written out independently of the library."""
     u, _, vt = torch.linalg.svd(grad.double(), full_matrices=False)
     if direction == "ArB2r":
         b, a = u[:, r:2 * r], vt[:r]
@@ -125,7 +125,7 @@ def test_first_step_reaches_the_rank_2r_bound(direction):
                            generator=torch.Generator().manual_seed(0))
     cos = first_step_cosine(grad, a, b, scaling=2.0)
     assert cos == pytest.approx(rank_bound(grad, 2 * R), abs=0.02)
-    assert cos > 0.99  # this gradient is dominated by its first directions (ALGORITHM.md: 0.998)
+    assert cos > 0.99  # this gradient is dominated by its first directions (docs/ALGORITHM.md section 1: 0.998)
 
 
 @pytest.mark.parametrize(

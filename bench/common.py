@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qloraga import memory
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 TMP = RESULTS / "tmp"  # random checkpoints and other rebuildable files (git-ignored)
@@ -257,29 +259,19 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def proc_status_gb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def restart_peak() -> None:
     """Restart the peak counter: the CUDA allocator's, or this process's VmHWM (`echo 5 > clear_refs`)."""
     release_memory()
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+        memory.reset_peak()
     else:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def current_gb() -> float:
-    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else proc_status_gb("VmRSS")
-
-
-def peak_gb() -> float:
-    """GPU: `max_memory_allocated` since `restart_peak`. CPU: VmHWM, the peak RSS since `restart_peak`."""
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else proc_status_gb("VmHWM")
+# The readings are qloraga's own: allocated memory on a GPU, VmRSS / VmHWM (read in this process) on a CPU.
+proc_status_gb = memory.proc_status_gb
+current_gb = memory.current_memory_gb
+peak_gb = memory.peak_memory_gb  # since `restart_peak`
 
 
 def memory_kind() -> str:

@@ -3,10 +3,11 @@
 For a linear layer `y = W x`, `dL/dW = sum_t delta_t x_t^T` with `delta = dL/dy`. A forward hook keeps
 the layer's input and hangs a hook on its output that receives `delta`, so no weight needs
 `requires_grad` and a 4-bit weight is never re-quantized: G is the gradient of the function the
-quantized model computes. Only one chunk of decoder blocks accumulates (fp32) at a time, and the
-backward pass stops at the chunk's first target layer (its input is made a leaf). With checkpointing,
-each decoder block recomputes its activations in the backward pass instead of keeping them, as
-gradient checkpointing does in training: the pass then holds one block's activations at a time.
+quantized model computes. Only one chunk of decoder blocks (planned by `chunks.py`) accumulates (fp32)
+at a time, and the backward pass stops at the chunk's first target layer (its input is made a leaf).
+With checkpointing, each decoder block recomputes its activations in the backward pass instead of
+keeping them, as gradient checkpointing does in training: the pass then holds one block's activations
+at a time.
 """
 
 from __future__ import annotations
@@ -19,60 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from tqdm.auto import tqdm
 
+from qloraga.loading import model_device
 from qloraga.targets import block_index, decoder_blocks
-
-BYTES_FP32 = 4
-
-
-def plan_chunks(
-    model: nn.Module,
-    targets: dict[str, nn.Linear],
-    *,
-    init_memory_gb: float,
-    chunk_blocks: int | None = None,
-) -> list[list[str]]:
-    """Split the targets into chunks of consecutive decoder blocks.
-
-    Each chunk's fp32 accumulators (`4 * out * in` bytes per layer) fit `init_memory_gb`, unless a
-    single block is larger (then it is a chunk of its own); `chunk_blocks` fixes the blocks per chunk.
-    Targets outside the blocks (e.g. `lm_head`) join the last chunk.
-    """
-    blocks_name, _ = decoder_blocks(model)
-    per_block: dict[int, list[str]] = {}
-    outside: list[str] = []
-    for name in targets:
-        idx = block_index(name, blocks_name)
-        (outside if idx is None else per_block.setdefault(idx, [])).append(name)
-
-    def nbytes(names: list[str]) -> int:
-        return sum(BYTES_FP32 * targets[n].out_features * targets[n].in_features for n in names)
-
-    budget = init_memory_gb * 2**30
-    chunks: list[list[str]] = []
-    current: list[str] = []
-    blocks_in_current = 0
-    for idx in sorted(per_block):
-        names = per_block[idx]
-        full = (blocks_in_current >= chunk_blocks) if chunk_blocks else (nbytes(current + names) > budget)
-        if current and full:
-            chunks.append(current)
-            current, blocks_in_current = [], 0
-        current = current + names
-        blocks_in_current += 1
-    if current or outside:
-        chunks.append(current + outside)
-    return chunks
-
-
-def split_chunk(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]] | None:
-    """The chunk's blocks in two halves (targets outside the blocks go with the second), or None for one block."""
-    blocks_name, _ = decoder_blocks(model)
-    blocks = sorted({i for n in names if (i := block_index(n, blocks_name)) is not None})
-    if len(blocks) < 2:
-        return None
-    first = set(blocks[: len(blocks) // 2])
-    return ([n for n in names if block_index(n, blocks_name) in first],
-            [n for n in names if block_index(n, blocks_name) not in first])
 
 
 @contextmanager
@@ -177,10 +126,6 @@ class Pairs:
             raise RuntimeError(f"No recomputed input reached layers {sorted(self.delta)[:3]} in the backward "
                                "pass; set gradient_checkpointing=False in QLoraGAConfig for this model.")
         self.x.clear()  # inputs of layers the loss does not depend on
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 def backward_pass(

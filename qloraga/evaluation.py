@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qloraga.data import IGNORE, Collator, Example, prompt_and_answer, resolve_format, uses_bos
-from qloraga.estimate import model_device
+from qloraga.loading import model_device
 
 
 @torch.no_grad()

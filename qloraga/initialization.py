@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from qloraga import distributed
 from qloraga.cache import FactorCache, fingerprint
+from qloraga.chunks import plan_chunks, split_chunk
 from qloraga.config import QLoraGAConfig
-from qloraga.estimate import accumulate_chunk, plan_chunks, split_chunk
+from qloraga.estimate import accumulate_chunk
 from qloraga.factors import Spectrum, factors_from_singular_vectors, lora_one_from_spectrum, top_singular
 from qloraga.loading import dequantized_weight
 from qloraga.memory import memory_kind, peak_memory_gb, reset_peak

@@ -209,6 +209,11 @@ def load_model(
     return model
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings."""
+    return model.get_input_embeddings().weight.device
+
+
 def is_4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 

@@ -8,7 +8,8 @@ from conftest import make_batches, rel
 from reference import autograd_grads, dequantized_fp32_copy
 
 from qloraga import QLoraGAConfig, load_model
-from qloraga.estimate import Pairs, accumulate_chunk, plan_chunks
+from qloraga.chunks import plan_chunks
+from qloraga.estimate import Pairs, accumulate_chunk
 from qloraga.initialization import lora_ga_init
 from qloraga.targets import block_index, decoder_blocks, find_target_layers
 

@@ -20,6 +20,7 @@ SCRIPTS = {  # script: the JSON files its --tiny run writes
     "convergence.py": ["convergence_reverse_tiny.json"],
     "llama7b.py": ["llama7b_tiny.json"],
     "forward_ab.py": ["forward_ab_tiny.json"],
+    "real_convergence.py": ["real_convergence_debian_tiny.json", "real_convergence_pydoc_tiny.json"],
 }
 RUNNER = """
 import runpy, sys
@@ -40,4 +41,4 @@ def test_every_bench_script_runs_tiny(tmp_path):
         for name in files:
             result = json.loads((tmp_path / name).read_text())
             assert result["machine"]["torch"], f"{script} wrote {name} without its header"
-    assert (tmp_path / "convergence_tiny.png").exists()
+    assert (tmp_path / "convergence_tiny.png").exists() and (tmp_path / "real_convergence_tiny.png").exists()

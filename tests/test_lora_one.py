@@ -3,6 +3,8 @@ Riemannian-preconditioned optimizers against hand-computed steps."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_batches, rel
@@ -151,3 +153,22 @@ def test_preconditioned_step_does_not_depend_on_how_BA_is_split():
 def test_scaled_optimizer_needs_lora_layers():
     with pytest.raises(ValueError, match="no trainable LoRA"):
         scaled_optimizer(torch.nn.Linear(3, 3), "scaled_adamw", 1e-3)
+
+
+@pytest.mark.parametrize(("init", "optim"), [("lora-one", "adamw_torch"), ("lora-one", "scaled_adamw"),
+                                             ("lora-ga", "scaled_adamw"), ("lora", "scaled_sgd")])
+def test_one_training_run_of_each_new_combination_on_a_4bit_model(tiny_model_dir, tmp_path, init, optim):
+    """The CLI end to end (4 steps, 4-bit base): the run learns and its adapter loads in upstream PEFT (rank r
+    for LoRA-One and plain LoRA, which have no correction to carry; 2r for LoRA-GA)."""
+    from peft import PeftModel
+    from test_cli import run_cli, write_dataset
+
+    model = tiny_model_dir("llama")
+    data = write_dataset(tmp_path / "train.jsonl", "prompt-completion")
+    assert run_cli(model, data, tmp_path / "out", "--4bit", "--init", init, "--optim", optim, "--lr", "3e-3") == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["steps"] == 4 and results["after"]["eval_loss"] < results["before"]["eval_loss"]
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == (8 if init == "lora-ga" else 4)
+    loaded = PeftModel.from_pretrained(load_model(model, dtype=torch.float32), tmp_path / "out" / "adapter")
+    assert sum("lora_A" in n for n, _ in loaded.named_parameters()) > 0

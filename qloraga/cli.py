@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
                          "default: detected from the model's model_type")
     add("--dataset", help="JSON/JSONL/CSV/Parquet file or hub dataset name (default: the demo data)")
     add("--eval-dataset", help="held-out file; default: --eval-split of --dataset")
-    add("--dataset-format", choices=["auto", "alpaca", "messages", "prompt-completion", "text"],
+    add("--dataset-format", choices=["auto", "alpaca", "messages", "prompt-completion", "sharegpt", "text"],
         help="record format (auto: from the fields)")
     add("--output-dir", help="where outputs go (default: runs/<model>-<time>)")
     add("--4bit", dest="load_in_4bit", action="store_true", help="load the base in 4-bit NF4 (QLoRA); else bf16")

@@ -6,6 +6,8 @@ Formats (one example record each):
 - `alpaca`: {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"}
 - `messages`: {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
   rendered with the tokenizer's chat template; loss on assistant turns only.
+- `sharegpt`: {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}: the same
+  as `messages` (roles human/user, gpt/assistant, system).
 - `text`: {"text": "Any raw text."}: loss on every token.
 """
 
@@ -23,7 +25,10 @@ from typing import Any
 import torch
 from jinja2 import TemplateError
 
-FORMATS = ("auto", "alpaca", "messages", "prompt-completion", "text")
+FORMATS = ("auto", "alpaca", "messages", "prompt-completion", "sharegpt", "text")
+CHAT_FORMATS = ("messages", "sharegpt")  # rendered by the chat template, which writes its own BOS and EOS
+# ShareGPT's `from` -> the chat template's `role`.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 # For tokenizers that ship no chat template (base models): plain, role-tagged turns.
@@ -96,6 +101,8 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 def detect_format(record: dict[str, Any]) -> str:
     if "messages" in record:
         return "messages"
+    if "conversations" in record:
+        return "sharegpt"
     if "prompt" in record and "completion" in record:
         return "prompt-completion"
     if "instruction" in record and "output" in record:
@@ -114,12 +121,12 @@ def resolve_format(records: Sequence[dict[str, Any]], fmt: str) -> str:
 
 
 REQUIRED = {"alpaca": ("instruction", "output"), "prompt-completion": ("prompt", "completion"),
-            "messages": ("messages",), "text": ("text",)}
+            "messages": ("messages",), "sharegpt": ("conversations",), "text": ("text",)}
 
 
 def check_record(record: dict[str, Any], fmt: str, index: int) -> None:
     """Raise a DataError naming the record when it lacks what its format needs."""
-    wanted = list if fmt == "messages" else str
+    wanted = list if fmt in CHAT_FORMATS else str
     missing = [k for k in REQUIRED[fmt] if not isinstance(record.get(k), wanted)]
     if fmt == "alpaca" and not isinstance(record.get("input") or "", str):
         missing.append("input")
@@ -131,6 +138,19 @@ def check_record(record: dict[str, Any], fmt: str, index: int) -> None:
             if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)
                     and isinstance(turn.get("content"), str)):
                 raise DataError(f"Record {index + 1}: every message needs a text 'role' and a text 'content'.")
+    if fmt == "sharegpt":
+        for turn in record["conversations"]:
+            if not (isinstance(turn, dict) and turn.get("from") in SHAREGPT_ROLES
+                    and isinstance(turn.get("value"), str)):
+                raise DataError(f"Record {index + 1}: every turn of 'conversations' needs a 'from' (one of "
+                                f"{', '.join(SHAREGPT_ROLES)}) and a text 'value'; got {turn!r}.")
+
+
+def as_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """A chat record's turns as chat-template messages (`role`, `content`)."""
+    if fmt == "sharegpt":
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    return record["messages"]
 
 
 def render(record: dict[str, Any], fmt: str, tokenizer) -> list[tuple[str, bool]]:
@@ -144,7 +164,7 @@ def render(record: dict[str, Any], fmt: str, tokenizer) -> list[tuple[str, bool]
                 (record["output"], True)]
     if fmt == "text":
         return [(record["text"], True)]
-    return render_messages(record["messages"], tokenizer)
+    return render_messages(as_messages(record, fmt), tokenizer)
 
 
 def render_messages(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
@@ -180,8 +200,8 @@ def prompt_and_answer(record: dict[str, Any], fmt: str, tokenizer) -> tuple[str,
     """(prompt, expected answer) for exact-match evaluation, or None for raw text."""
     if fmt == "text":
         return None
-    if fmt == "messages":
-        messages = record["messages"]
+    if fmt in CHAT_FORMATS:
+        messages = as_messages(record, fmt)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
         return prompt, messages[last]["content"]
@@ -191,7 +211,7 @@ def prompt_and_answer(record: dict[str, Any], fmt: str, tokenizer) -> tuple[str,
 
 def uses_bos(tokenizer, fmt: str) -> bool:
     """Whether an example starts with BOS (chat templates write their own)."""
-    return fmt != "messages" and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
+    return fmt not in CHAT_FORMATS and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
 
 
 @dataclass
@@ -222,7 +242,7 @@ def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer, seq_len: in
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if trained else [IGNORE] * len(piece)
-        if record_fmt != "messages" and tokenizer.eos_token_id is not None:
+        if record_fmt not in CHAT_FORMATS and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
             labels.append(tokenizer.eos_token_id)
         if len(ids) > seq_len:

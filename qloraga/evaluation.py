@@ -50,23 +50,29 @@ def exact_match(model: nn.Module, tokenizer, records: Sequence[dict[str, Any]], 
             pairs.append((encode_prompt(tokenizer, pair[0], record_fmt), pair[1].strip()))
     if not pairs:
         return None
+    max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs) + 2
+    answers = greedy_answers(model, tokenizer, [p for p, _ in pairs], max_new, batch_size=batch_size,
+                             progress=progress)
+    return sum(text.strip() == answer for text, (_, answer) in zip(answers, pairs, strict=True)) / len(pairs)
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, *,
+                   batch_size: int = 16, progress: bool = False) -> list[str]:
+    """The greedy continuation of each prompt (token ids), decoded without special tokens."""
     model.eval()
     device = model_device(model)
     pad = tokenizer.pad_token_id
-    max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs) + 2
-    correct = 0
-    for i in tqdm(range(0, len(pairs), batch_size), desc="exact match", disable=not progress, leave=False):
-        chunk = pairs[i:i + batch_size]
-        width = max(len(p) for p, _ in chunk)
+    texts = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, (p, _) in enumerate(chunk):  # left padding, so generation continues every prompt
+        for j, p in enumerate(chunk):  # left padding, so generation continues every prompt
             ids[j, width - len(p):] = torch.tensor(p)
             mask[j, width - len(p):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for j, (_, answer) in enumerate(chunk):
-            text = tokenizer.decode(out[j, width:], skip_special_tokens=True)
-            correct += text.strip() == answer
-    return correct / len(pairs)
-
+        texts += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return texts

@@ -34,8 +34,11 @@ def parser() -> argparse.ArgumentParser:
     add("--model", help="local model folder or hub name (default: the embedded demo model)")
     add("--preset", help=f"model family preset ({', '.join(available_presets())}) or a YAML path; "
                          "default: detected from the model's model_type")
-    add("--dataset", help="JSON/JSONL/CSV/Parquet file or hub dataset name (default: the demo data)")
-    add("--eval-dataset", help="held-out file; default: --eval-split of --dataset")
+    add("--dataset", help="JSON/JSONL/CSV/Parquet file or hub dataset NAME[:CONFIG] (default: the demo data)")
+    add("--dataset-split", help="split of a hub --dataset to train on (default: train)")
+    add("--eval-dataset", help="held-out file or hub NAME[:CONFIG]; default: --eval-split of --dataset")
+    add("--eval-dataset-split", help="split of a hub --eval-dataset, or without one the split of the hub "
+                                     "--dataset held out (e.g. validation) instead of --eval-split")
     add("--dataset-format", choices=["auto", "alpaca", "messages", "prompt-completion", "sharegpt", "text"],
         help="record format (auto: from the fields)")
     add("--output-dir", help="where outputs go (default: runs/<model>-<time>)")

@@ -173,6 +173,8 @@ class RunConfig:
     preset: str | None = None
     dataset: str = "demo"
     eval_dataset: str | None = None
+    dataset_split: str = "train"  # split of a hub --dataset
+    eval_dataset_split: str | None = None  # split of a hub --eval-dataset, or of --dataset for the held-out set
     dataset_format: str = "auto"
     output_dir: str | None = None
     load_in_4bit: bool = False

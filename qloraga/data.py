@@ -42,10 +42,16 @@ class DataError(ValueError):
     """A dataset problem the user can fix; the message names the file, the line and the fix."""
 
 
-def read_records(source: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records from a JSON/JSONL/CSV/Parquet file, or a dataset hub name (its `train` split)."""
+def is_local(source: str | os.PathLike) -> bool:
+    """Whether `source` names a local data file (else a hub dataset NAME[:CONFIG])."""
     path = Path(source).expanduser()
-    if path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"} or path.exists():
+    return path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"} or path.exists()
+
+
+def read_records(source: str | os.PathLike, split: str = "train") -> list[dict[str, Any]]:
+    """Records from a JSON/JSONL/CSV/Parquet file, or split `split` of a hub dataset `NAME[:CONFIG]`."""
+    path = Path(source).expanduser()
+    if is_local(source):
         if not path.exists():
             raise DataError(f"Dataset file {str(source)!r} does not exist: give a JSON/JSONL/CSV/Parquet path "
                             "or a dataset name on the hub.")
@@ -53,11 +59,12 @@ def read_records(source: str | os.PathLike) -> list[dict[str, Any]]:
     else:
         import datasets
 
+        name, _, subset = str(source).partition(":")
         try:
-            records = datasets.load_dataset(str(source), split="train").to_list()
-        except Exception as exc:  # datasets raises many types for a bad name or no network
-            raise DataError(f"Could not load dataset {str(source)!r} from the hub ({exc}). Give a local "
-                            "JSON/JSONL/CSV/Parquet file instead.") from exc
+            records = datasets.load_dataset(name, subset or None, split=split).to_list()
+        except Exception as exc:  # datasets raises many types for a bad name, config or split, or no network
+            raise DataError(f"Could not load split {split!r} of dataset {str(source)!r} from the hub ({exc}). "
+                            "Check NAME[:CONFIG] and the split, or give a local JSON/JSONL/CSV/Parquet file.") from exc
     if not records:
         raise DataError(f"Dataset {str(source)!r} holds no records: it needs at least one example.")
     return records

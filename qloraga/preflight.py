@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from qloraga.adapters import check_target_rank
 from qloraga.config import ConfigError, RunConfig, option
-from qloraga.data import DataError, check_record, read_records, resolve_format, split
+from qloraga.data import DataError, check_record, is_local, read_records, resolve_format, split
 from qloraga.loading import causal_lm_config
 from qloraga.targets import find_target_layers
 
@@ -75,10 +75,24 @@ def check_run(cfg: RunConfig) -> Checked:
     """Every check that needs no weights and no tokenizer; raises a ConfigError or DataError naming the setting."""
     config = causal_lm_config(cfg.model, cfg.trust_remote_code)
     check_targets(cfg, config)
-    records = read_records(cfg.dataset)
+    check_splits(cfg)
+    records = read_records(cfg.dataset, cfg.dataset_split)
     check_records(records, cfg.dataset_format, cfg.dataset, "--dataset")
-    if cfg.eval_dataset:
-        eval_records = read_records(cfg.eval_dataset)
-        check_records(eval_records, cfg.dataset_format, cfg.eval_dataset, "--eval-dataset")
+    if cfg.eval_dataset or cfg.eval_dataset_split:
+        source = cfg.eval_dataset or cfg.dataset
+        eval_records = read_records(source, cfg.eval_dataset_split or "train")
+        check_records(eval_records, cfg.dataset_format, source, "--eval-dataset" if cfg.eval_dataset else "--dataset")
         return Checked(config, records, eval_records)
     return Checked(config, *split(records, cfg.eval_split, cfg.seed))
+
+
+def check_splits(cfg: RunConfig) -> None:
+    """Split names apply to hub datasets only: on a local file they would silently read the file again."""
+    if cfg.dataset_split != "train" and is_local(cfg.dataset):
+        raise ConfigError(f"{option('dataset_split')} {cfg.dataset_split!r}: --dataset {cfg.dataset} is a local "
+                          "file, which has no splits. Drop it, or give a hub dataset NAME[:CONFIG].")
+    if cfg.eval_dataset_split and is_local(cfg.eval_dataset or cfg.dataset):
+        flag = "--eval-dataset" if cfg.eval_dataset else "--dataset"
+        raise ConfigError(f"{option('eval_dataset_split')} {cfg.eval_dataset_split!r}: {flag} "
+                          f"{cfg.eval_dataset or cfg.dataset} is a local file, which has no splits. Drop it (the "
+                          "held-out set is then --eval-dataset, or --eval-split of --dataset).")

@@ -16,7 +16,7 @@ import qloraga.recipe as recipe
 from qloraga.cli import parser, resolve
 from qloraga.config import LORA_GA_FLAGS, YAML_ONLY, ConfigError, QLoraGAConfig, RunConfig, option
 from qloraga.loading import causal_lm_config
-from qloraga.preflight import check_targets
+from qloraga.preflight import check_run, check_targets
 
 
 @pytest.fixture
@@ -130,3 +130,34 @@ def test_third_party_noise_is_filtered():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "gemm_4bit_forward" not in result.stderr and "is_gradient_checkpointing" not in result.stderr
+
+
+def test_hub_dataset_config_and_splits(tiny_model_dir, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, subset=None, split=None):
+        calls.append((name, subset, split))
+        return datasets.Dataset.from_list([{"prompt": f"{split} {i}", "completion": " 1"} for i in range(3)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    model = tiny_model_dir("llama")
+    checked = check_run(resolve({"model": model, "dataset": "org/sums:easy", "dataset_split": "train[:80%]",
+                                 "eval_dataset_split": "validation"}))
+    assert calls == [("org/sums", "easy", "train[:80%]"), ("org/sums", "easy", "validation")]
+    assert checked.eval_records[0]["prompt"] == "validation 0" and len(checked.train_records) == 3
+    calls.clear()
+    check_run(resolve({"model": model, "dataset": "org/sums", "eval_dataset": "org/other:x",
+                       "eval_dataset_split": "test"}))
+    assert calls == [("org/sums", None, "train"), ("org/other", "x", "test")]
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (("--dataset-split", "test"), "--dataset-split / dataset_split 'test'"),
+    (("--eval-dataset-split", "validation"), "--eval-dataset-split / eval_dataset_split 'validation'"),
+])
+def test_splits_of_a_local_file_are_refused(tiny_model_dir, tmp_path, capsys, no_work, flags, needle):
+    data = write_dataset(tmp_path / "d.jsonl", "prompt-completion")
+    code = run_cli(tiny_model_dir("llama"), data, tmp_path / "out", *flags)
+    fails_early(capsys, tmp_path / "out", code, needle, "local file")

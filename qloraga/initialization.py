@@ -118,14 +118,11 @@ def sketch_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterab
     return factors, zero_grad, 1 + config.power_iters
 
 
-def exact_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
+def exact_init(model: nn.Module, targets: dict[str, nn.Linear], chunks: list[list[str]], batches: Iterable[dict],
                config: QLoraGAConfig, bar: tqdm, cache: FactorCache | None) -> tuple[Factors, list[str], int]:
     """Chunk by chunk: accumulate G, factorise, cache; an out-of-memory chunk is halved and retried."""
-    pending = deque(plan_chunks(model, targets, init_memory_gb=config.init_memory_gb,
-                                chunk_blocks=config.chunk_blocks))
+    pending = deque(chunks)
     n_batches = len(batches) if isinstance(batches, Sized) else None
-    if bar.total is None and n_batches:
-        bar.total = n_batches * len(pending)
     factors: Factors = {}
     zero_grad_layers: list[str] = []
     done = 0
@@ -146,7 +143,7 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterabl
             tqdm.write("LoRA-GA: out of memory on a chunk; halving it and retrying", file=sys.stderr)
             pending.extendleft(reversed(halves))
             if bar.total is not None and n_batches:
-                bar.total += n_batches
+                bar.total += n_batches  # one more pass than planned
             continue
         chunk, zero_grad = shared_factors(names, targets, config, grads)
         zero_grad_layers += zero_grad
@@ -171,12 +168,15 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
     new: Factors = {}
     zero_grad_layers: list[str] = []
     passes = 0
-    with tqdm(desc="LoRA-GA gradient", unit="batch", disable=not config.progress) as bar:
+    chunks = plan_chunks(model, todo, init_memory_gb=config.init_memory_gb, chunk_blocks=config.chunk_blocks) \
+        if todo and config.estimator == "exact" else []
+    planned = 1 + config.power_iters if config.estimator == "sketch" else len(chunks)  # passes over the batches
+    total = (len(local) * planned or None) if todo and isinstance(local, Sized) else None
+    with tqdm(desc="LoRA-GA gradient", unit="batch", total=total, disable=not config.progress) as bar:
         if todo and config.estimator == "sketch":
-            bar.total = len(local) * (1 + config.power_iters) if isinstance(local, Sized) else None
             new, zero_grad_layers, passes = sketch_init(model, todo, local, config, bar)
         elif todo:
-            new, zero_grad_layers, passes = exact_init(model, todo, local, config, bar, cache)
+            new, zero_grad_layers, passes = exact_init(model, todo, chunks, local, config, bar, cache)
     factors.update(new)
     if zero_grad_layers:
         warnings.warn(f"{len(zero_grad_layers)} layer(s) got a zero gradient (unused by the loss), so they "

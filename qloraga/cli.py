@@ -75,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     add("--eval-samples", type=int, help="held-out samples scored by exact match")
     add("--merge", action="store_true", help="also write a merged bf16 model")
     add("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
+    add("--dry-run", action="store_true", help="print the resolved configuration, data statistics, two rendered "
+                                               "examples and a memory estimate, then exit without loading weights")
     return p
 
 
@@ -116,10 +118,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if prog:  # `qloraga finetune` rather than the script's name
         p.prog = prog
     args = vars(p.parse_args(argv))
+    dry = args.pop("dry_run", False)
     from qloraga.recipe import finetune  # heavy imports after --help
 
     try:
-        finetune(resolve(args))
+        if dry:
+            from qloraga.dryrun import dry_run
+
+            dry_run(resolve(args))
+        else:
+            finetune(resolve(args))
     except pickle.UnpicklingError as exc:
         print(f"error: refused to load a checkpoint file that is not plain tensors ({exc}). Checkpoints are only "
               "loaded with torch.load(weights_only=True); delete the suspicious checkpoint folder.", file=sys.stderr)

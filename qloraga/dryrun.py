@@ -1,0 +1,140 @@
+"""`--dry-run`: what a run would do, without loading any weight: the resolved configuration, the data as it
+will be trained on (statistics and two rendered examples with the trained span marked) and a memory estimate
+of each phase, from the model's config alone (a meta-device skeleton gives every parameter's shape)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import yaml
+from torch import nn
+from transformers import AutoTokenizer
+
+from qloraga.config import COMPUTE_DTYPES, RunConfig
+from qloraga.data import CHAT_FORMATS, IGNORE, pack, prepare_tokenizer, render, resolve_format, tokenize
+from qloraga.loading import model_source
+from qloraga.preflight import check_run, model_skeleton
+from qloraga.recipe import resolve_demo
+from qloraga.targets import find_target_layers
+
+GiB = 2**30
+MARK = ("⟦", "⟧")  # around the text the loss is taken on
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each phase, estimated from parameter shapes and the run's sizes (activations: rough)."""
+
+    weights: float
+    init: float
+    training: float
+
+    def lines(self, cfg: RunConfig) -> list[str]:
+        kind = f"4-bit NF4 + {cfg.dtype} rest" if cfg.load_in_4bit else cfg.dtype
+        return [f"  weights ({kind}): {size(self.weights)}",
+                f"  LoRA-GA init (weights + --init-memory-gb accumulators + one checkpointed batch): {size(self.init)}",
+                f"  training step (weights + adapters, gradients, AdamW + activations): {size(self.training)}"]
+
+
+def size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def quantized(skeleton: nn.Module) -> set[str]:
+    """The linear layers transformers quantizes to 4 bits: all but the output embeddings (and what they tie)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    keep = set(get_keys_to_not_convert(skeleton))
+    return {n for n, m in skeleton.named_modules()
+            if isinstance(m, nn.Linear) and not any(n == k or n.endswith("." + k) for k in keep)}
+
+
+def weight_bytes(skeleton: nn.Module, cfg: RunConfig) -> float:
+    """NF4 with double quantization: half a byte a weight plus one uint8 absmax per 64 (and an fp32 per 256
+    of those); everything else in the compute dtype."""
+    width = COMPUTE_DTYPES[cfg.dtype].itemsize
+    four_bit = quantized(skeleton) if cfg.load_in_4bit else set()
+    total, seen = 0.0, set()
+    for name, module in skeleton.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            total += n * (0.5 + 1 / 64 + 4 / (64 * 256)) if name in four_bit and pname == "weight" else n * width
+    return total
+
+
+def estimate_memory(skeleton: nn.Module, cfg: RunConfig) -> MemoryEstimate:
+    config = skeleton.config
+    width = COMPUTE_DTYPES[cfg.dtype].itemsize
+    targets = find_target_layers(skeleton, cfg.lora_ga.target_modules)
+    weights = weight_bytes(skeleton, cfg)
+    tokens = cfg.batch_size * cfg.seq_len
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    inner = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
+    # Each block's input kept (checkpointing) + one block's activations recomputed + fp32 logits and their grad.
+    checkpointed = tokens * (hidden * layers + 4 * hidden + 3 * inner) * width + tokens * config.vocab_size * 8
+    full = tokens * (4 * hidden + 3 * inner) * width * layers + tokens * config.vocab_size * 8
+    accumulators = min(cfg.lora_ga.init_memory_gb * GiB, sum(4 * m.in_features * m.out_features
+                                                               for m in targets.values()))
+    adapter_width = 4 if cfg.lora_ga.adapter_dtype == "float32" else 2
+    factors = sum(cfg.lora_ga.r * (m.in_features + m.out_features) for m in targets.values())
+    # A, B with their gradients and two AdamW moments (fp32, or 8-bit for the paged 8-bit AdamW that --optim auto
+    # picks on a GPU), plus the frozen A0, B0 of the correction.
+    moments = 2 if cfg.optim == "auto" or "8bit" in cfg.optim else 8
+    adapters = factors * (adapter_width * 3 + moments)
+    activations = checkpointed if cfg.gradient_checkpointing else full
+    return MemoryEstimate(weights, weights + accumulators + checkpointed, weights + adapters + activations)
+
+
+def marked(segments: list[tuple[str, bool]]) -> str:
+    """The text with each trained span between MARK; adjacent trained segments share one span."""
+    out, open_ = [], False
+    for text, trained in segments:
+        if trained != open_:
+            out.append(MARK[0] if trained else MARK[1])
+            open_ = trained
+        out.append(text)
+    return "".join(out) + (MARK[1] if open_ else "")
+
+
+def dry_run(cfg: RunConfig) -> None:
+    """Print what `finetune(cfg)` would do and exit before any weight is loaded."""
+    cfg = resolve_demo(cfg.validate())
+    checked = check_run(cfg)
+    print("[qloraga] dry run: nothing is loaded onto a device and nothing is written")
+    print("resolved configuration:")
+    print("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    for fix in prepare_tokenizer(tokenizer, cfg.chat_template):
+        print(f"note: {fix}")
+    fmt = resolve_format(checked.train_records, cfg.dataset_format)
+    examples, report = tokenize(checked.train_records, cfg.dataset_format, tokenizer, cfg.seq_len)
+    lengths = [len(e.input_ids) for e in examples]
+    trained = sum(sum(label != IGNORE for label in e.labels) for e in examples)
+    print(f"data ({fmt}): {len(checked.train_records)} training records -> {report.examples} examples "
+          f"({report.truncated} truncated to --seq-len {cfg.seq_len}, {report.fully_masked} dropped with no response "
+          f"token), {len(checked.eval_records)} held out")
+    print(f"  tokens per example: min {min(lengths)}, mean {statistics.mean(lengths):.1f}, max {max(lengths)}; "
+          f"{trained} of {sum(lengths)} tokens trained ({trained / sum(lengths):.0%})")
+    if cfg.packing:
+        print(f"  packing: {len(pack(examples, cfg.seq_len))} sequences of up to {cfg.seq_len} tokens")
+    for i, record in enumerate(checked.train_records[:2]):
+        print(f"example {i + 1} (the loss is taken on {MARK[0]}...{MARK[1]}):")
+        segments = render(record, fmt, tokenizer)
+        if fmt not in CHAT_FORMATS and tokenizer.eos_token:  # tokenize() closes these with a trained EOS
+            segments.append((tokenizer.eos_token, True))
+        print("  " + marked(segments).replace("\n", "\n  "))
+
+    skeleton = model_skeleton(checked.model_config, cfg.trust_remote_code)
+    if skeleton is None:
+        print("memory estimate: not available (the model could not be built without weights)")
+        return
+    estimate = estimate_memory(skeleton, cfg)
+    params = sum(p.numel() for p in skeleton.parameters())
+    print(f"memory estimate for {params / 1e6:.1f}M parameters, from config.json (the activations' share is an "
+          "upper bound, see the README):")
+    print("\n".join(estimate.lines(cfg)))

@@ -29,6 +29,23 @@ from qloraga.targets import find_target_layers
 ADAPTER = "default"
 
 
+def lora_config(r: int, lora_alpha: float, target_modules: list[str], lora_dropout: float = 0.0,
+                **extra) -> LoraConfig:
+    """The PEFT `LoraConfig` of every qloraga adapter (no bias, causal LM): training's and the exported one."""
+    return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, lora_dropout=lora_dropout,
+                      bias="none", task_type="CAUSAL_LM", **extra)
+
+
+def delta_weight(layer: LoraLayer, adapter: str = ADAPTER) -> torch.Tensor:
+    """The layer's adapter update in fp32, shape (out, in): `s (B A - B0 A0)` with the frozen correction,
+    `s B A` without (LoRA-One, plain LoRA)."""
+    a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+    update = b @ a
+    if hasattr(layer, "qloraga_A0"):
+        update = update - layer.qloraga_B0.float() @ layer.qloraga_A0.float()
+    return layer.scaling[adapter] * update
+
+
 class ResidualCorrection(LoraVariant):
     """PEFT LoRA variant: the adapter's output minus the frozen initial product `B0 A0`."""
 
@@ -39,9 +56,7 @@ class ResidualCorrection(LoraVariant):
     @staticmethod
     def delta_weight(module: LoraLayer, adapter: str) -> torch.Tensor:
         """`s * (B A - B0 A0)` in fp32, shape (out, in)."""
-        a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
-        a0, b0 = module.qloraga_A0.float(), module.qloraga_B0.float()
-        return module.scaling[adapter] * (b @ a - b0 @ a0)
+        return delta_weight(module, adapter)
 
     @staticmethod
     def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -120,14 +135,7 @@ def check_target_rank(targets: dict[str, nn.Linear], r: int, directions: int) ->
 def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig) -> PeftModel:
     """A PEFT model whose adapter "default" starts at the given factors: with the frozen correction for
     LoRA-GA (step 0 = the base), without it for LoRA-One (step 0 = the base plus the initial product)."""
-    peft_config = LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=sorted(factors),
-        lora_dropout=config.lora_dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    peft_config = lora_config(config.r, config.lora_alpha, sorted(factors), config.lora_dropout)
     peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
     base = peft_model.get_base_model()
     for name, (a0, b0) in factors.items():
@@ -164,8 +172,7 @@ def get_lora_model(model: nn.Module, config: QLoraGAConfig) -> PeftModel:
     targets = find_target_layers(model, config.target_modules)
     check_target_rank(targets, config.r, config.r)
     disable_cpu_repacking(model)
-    peft_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=sorted(targets),
-                             lora_dropout=config.lora_dropout, bias="none", task_type="CAUSAL_LM")
+    peft_config = lora_config(config.r, config.lora_alpha, sorted(targets), config.lora_dropout)
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
     for layer in peft_model.modules():

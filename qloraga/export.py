@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from qloraga.adapters import ADAPTER, ResidualCorrection, corrected_layers
+from qloraga.adapters import ADAPTER, corrected_layers, delta_weight, lora_config
 from qloraga.io import atomic_dir, save_json, save_tensors
 from qloraga.loading import dequantized_weight, disable_cpu_repacking, is_4bit
 from qloraga.targets import short_target_names
@@ -43,23 +43,8 @@ def adapter_config(model: PeftModel) -> LoraConfig:
     peft_config = model.peft_config[ADAPTER]
     base = model.get_base_model()
     names = [n.removeprefix("base_model.model.") for n in layers]
-    return LoraConfig(
-        r=2 * peft_config.r,
-        lora_alpha=2 * peft_config.lora_alpha,
-        target_modules=short_target_names(base, names),
-        lora_dropout=peft_config.lora_dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=getattr(base, "name_or_path", None) or None,
-    )
-
-
-def delta_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's trained update in fp32: `s (B A - B0 A0)` with the correction, `s B A` without."""
-    if hasattr(layer, "qloraga_A0"):
-        return ResidualCorrection.delta_weight(layer, ADAPTER)
-    a, b = layer.lora_A[ADAPTER].weight.float(), layer.lora_B[ADAPTER].weight.float()
-    return layer.scaling[ADAPTER] * (b @ a)
+    return lora_config(2 * peft_config.r, 2 * peft_config.lora_alpha, short_target_names(base, names),
+                       peft_config.lora_dropout, base_model_name_or_path=getattr(base, "name_or_path", None) or None)
 
 
 def merged_state(model: PeftModel, dtype: torch.dtype = torch.bfloat16, delta: bool = True

@@ -8,6 +8,7 @@ output through a frozen correction. LoRA-One (docs/ALGORITHM.md section 3): the 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -60,6 +61,12 @@ def seeded_rng(device: torch.device, seed: int = 0) -> Iterator[None]:
         yield
 
 
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from `seed` and a layer's name: the same draws for that layer on every rank, in
+    every run, whatever the chunking (`random` directions, plain-LoRA fallbacks, the sketch's test matrices)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
 def fix_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fix the arbitrary sign of each singular pair (largest |entry| of u positive), so that a gradient
     summed in another order (another chunking, several processes, a sketch) gives the same factors."""
@@ -68,29 +75,19 @@ def fix_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return u * signs, vt * signs.T
 
 
-def lora_ga_factors(
-    grad: torch.Tensor,
-    r: int,
-    *,
-    direction: str = QLoraGAConfig.direction,
-    scale: str = QLoraGAConfig.scale,
-    stable_gamma: float = QLoraGAConfig.stable_gamma,
-    scaling: float = 1.0,
-    weight: torch.Tensor | None = None,
-    svd_niter: int | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_ga_factors(grad: torch.Tensor, r: int, *, svd_niter: int | None = None, **settings
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-GA initial factors `(A, B)`, fp32, `A` of shape (r, in) and `B` of shape (out, r).
 
-    `grad` is dL/dW (out x in); `scaling` is lora_alpha / r; `weight` (the layer's weight) is needed
-    only for `scale="weight_svd"`; `generator` seeds `direction="random"`.
+    `grad` is dL/dW (out x in); `svd_niter` as in `top_singular`; `settings` are the keywords of
+    `factors_from_singular_vectors` (`direction`, `scale`, `stable_gamma`, `scaling` = lora_alpha / r,
+    `weight` for `scale="weight_svd"`, `generator` for `direction="random"`), with its defaults.
     """
     if grad.dim() != 2:
         raise ValueError(f"grad must be a matrix (out x in), got shape {tuple(grad.shape)}.")
     check_rank(r, *grad.shape)
     u, vt = top_singular_vectors(grad, 2 * r, svd_niter)
-    return factors_from_singular_vectors(u, vt, r, direction=direction, scale=scale, stable_gamma=stable_gamma,
-                                         scaling=scaling, weight=weight, generator=generator)
+    return factors_from_singular_vectors(u, vt, r, **settings)
 
 
 def check_rank(r: int, out_features: int, in_features: int, directions: int | None = None) -> None:

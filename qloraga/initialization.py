@@ -6,7 +6,6 @@ import math
 import sys
 import time
 import warnings
-import zlib
 from collections import deque
 from collections.abc import Iterable, Sized
 from dataclasses import dataclass
@@ -17,10 +16,16 @@ from tqdm.auto import tqdm
 
 from qloraga import distributed
 from qloraga.cache import FactorCache, fingerprint
-from qloraga.chunks import plan_chunks, split_chunk
+from qloraga.chunks import chunk_budget, plan_chunks, split_chunk
 from qloraga.config import QLoraGAConfig
 from qloraga.estimate import accumulate_chunk
-from qloraga.factors import Spectrum, factors_from_singular_vectors, lora_one_from_spectrum, top_singular
+from qloraga.factors import (
+    Spectrum,
+    factors_from_singular_vectors,
+    layer_generator,
+    lora_one_from_spectrum,
+    top_singular,
+)
 from qloraga.loading import dequantized_weight
 from qloraga.memory import memory_kind, peak_memory_gb, reset_peak
 from qloraga.sketch import Sketch, sketched_singular_vectors
@@ -41,13 +46,15 @@ class InitReport:
     memory_kind: str
     estimator: str = "exact"
     method: str = "lora-ga"
+    budget: str = ""  # how the chunks were sized (exact estimator), e.g. "budget auto: 0.41 GB (...), 3 chunk(s)"
 
     def summary(self) -> str:
         work = (f"{self.chunks} chunk(s) ({self.cached_layers} from cache)" if self.estimator == "exact"
                 else f"{self.chunks} sketch pass(es)")
         name = {"lora-ga": "LoRA-GA", "lora-one": "LoRA-One"}[self.method]
         return (f"{name} init: {self.layers} layers, {work}, {self.seconds:.1f} s, "
-                f"peak memory {self.peak_memory_gb:.2f} GiB ({self.memory_kind})")
+                f"peak memory {self.peak_memory_gb:.2f} GiB ({self.memory_kind})"
+                + (f"; {self.budget}" if self.budget else ""))
 
 
 def plain_lora_factors(out_features: int, in_features: int, r: int, generator: torch.Generator):
@@ -55,11 +62,6 @@ def plain_lora_factors(out_features: int, in_features: int, r: int, generator: t
     bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
     a = (torch.rand(r, in_features, generator=generator) * 2 - 1) * bound
     return a, torch.zeros(out_features, r)
-
-
-def layer_generator(seed: int, name: str) -> torch.Generator:
-    """A per-layer generator: the same draw for a layer whatever the chunking."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def factorise_layer(name: str, layer: nn.Linear, config: QLoraGAConfig,
@@ -168,8 +170,8 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
     new: Factors = {}
     zero_grad_layers: list[str] = []
     passes = 0
-    chunks = plan_chunks(model, todo, init_memory_gb=config.init_memory_gb, chunk_blocks=config.chunk_blocks) \
-        if todo and config.estimator == "exact" else []
+    budget = chunk_budget(model, todo, local, config) if todo and config.estimator == "exact" else None
+    chunks = plan_chunks(model, todo, init_memory_gb=budget.gb, chunk_blocks=config.chunk_blocks) if budget else []
     planned = 1 + config.power_iters if config.estimator == "sketch" else len(chunks)  # passes over the batches
     total = (len(local) * planned or None) if todo and isinstance(local, Sized) else None
     with tqdm(desc="LoRA-GA gradient", unit="batch", total=total, disable=not config.progress) as bar:
@@ -182,5 +184,6 @@ def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
         warnings.warn(f"{len(zero_grad_layers)} layer(s) got a zero gradient (unused by the loss), so they "
                       f"start as plain LoRA (B=0): {zero_grad_layers[:5]}", stacklevel=2)
     report = InitReport(len(targets), passes, cached, zero_grad_layers, time.perf_counter() - start,
-                        peak_memory_gb(), memory_kind(), config.estimator, config.method)
+                        peak_memory_gb(), memory_kind(), config.estimator, config.method,
+                        budget.describe(len(chunks)) if budget and not config.chunk_blocks else "")
     return factors, report

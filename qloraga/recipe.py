@@ -18,7 +18,7 @@ from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
 from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, tokenize
 from qloraga.evaluation import exact_match, held_out_loss
 from qloraga.export import export_adapter
-from qloraga.io import save_json
+from qloraga.io import save_json, save_text
 from qloraga.loading import load_model, model_source
 from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.preflight import check_run
@@ -68,10 +68,7 @@ def prepare_output_dir(out: Path, cfg: RunConfig) -> None:
 
 
 def write_config(cfg: RunConfig, out: Path) -> None:
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "config.yaml")
+    save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out / "config.yaml")
 
 
 def evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg: RunConfig) -> dict[str, float | None]:

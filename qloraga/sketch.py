@@ -12,7 +12,6 @@ row basis P. The gradient must be deterministic across passes (dropout off, same
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from qloraga import distributed
 from qloraga.estimate import backward_pass
-from qloraga.factors import Spectrum, fix_signs
+from qloraga.factors import Spectrum, fix_signs, layer_generator
 
 
 class Sketch(NamedTuple):
@@ -38,8 +37,7 @@ def sketch_width(r: int, oversample: int, out_features: int, in_features: int) -
 
 def gaussian(rows: int, cols: int, seed: int, name: str, device: torch.device) -> torch.Tensor:
     """A test matrix that is the same on every rank and in every run, for a given layer."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(rows, cols, generator=g).to(device)
+    return torch.randn(rows, cols, generator=layer_generator(seed, name)).to(device)
 
 
 def orth(m: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qloraga.config import SCALED_OPTIMIZERS, RunConfig
 from qloraga.data import Collator, Example
+from qloraga.io import atomic_file
 from qloraga.optim import scaled_optimizer
 
 
@@ -178,8 +179,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(png_path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(png_path)
     return True

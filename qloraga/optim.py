@@ -55,28 +55,24 @@ def precondition_(pairs: Iterable[LoraPair], eps: float) -> None:
         b.grad.copy_(grad_b)
 
 
-class ScaledAdamW(torch.optim.AdamW):
+class Preconditioned:
+    """Mixed in before a torch optimizer: precondition the LoRA pairs' gradients, then take its step."""
+
+    def __init__(self, params, pairs: list[LoraPair], *, precond_eps: float = 1e-6, **kwargs):
+        super().__init__(params, **kwargs)
+        self.pairs, self.precond_eps = pairs, precond_eps
+
+    def step(self, closure=None):
+        precondition_(self.pairs, self.precond_eps)
+        return super().step(closure)
+
+
+class ScaledAdamW(Preconditioned, torch.optim.AdamW):
     """AdamW on preconditioned LoRA gradients; other trainable parameters get plain AdamW."""
 
-    def __init__(self, params, pairs: list[LoraPair], *, precond_eps: float = 1e-6, **kwargs):
-        super().__init__(params, **kwargs)
-        self.pairs, self.precond_eps = pairs, precond_eps
 
-    def step(self, closure=None):
-        precondition_(self.pairs, self.precond_eps)
-        return super().step(closure)
-
-
-class ScaledSGD(torch.optim.SGD):
+class ScaledSGD(Preconditioned, torch.optim.SGD):
     """SGD on preconditioned LoRA gradients; other trainable parameters get plain SGD."""
-
-    def __init__(self, params, pairs: list[LoraPair], *, precond_eps: float = 1e-6, **kwargs):
-        super().__init__(params, **kwargs)
-        self.pairs, self.precond_eps = pairs, precond_eps
-
-    def step(self, closure=None):
-        precondition_(self.pairs, self.precond_eps)
-        return super().step(closure)
 
 
 def scaled_optimizer(model: nn.Module, name: str, lr: float, *, weight_decay: float = 0.0,

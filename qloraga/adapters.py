@@ -47,7 +47,15 @@ def delta_weight(layer: LoraLayer, adapter: str = ADAPTER) -> torch.Tensor:
 
 
 class ResidualCorrection(LoraVariant):
-    """PEFT LoRA variant: the adapter's output minus the frozen initial product `B0 A0`."""
+    """PEFT LoRA variant: the adapter's output minus the frozen initial product `B0 A0`.
+
+    PEFT calls these hooks and calls them private (they may change between releases):
+    `tests/test_adapters.py` checks that PEFT still calls them, naming its version when it does not."""
+
+    def supports_lora_conversion(self) -> bool:
+        """False: PEFT's conversion to plain LoRA (`convert_to_lora`) would keep `B A` and silently drop the
+        frozen `-B0 A0`. `qloraga.export_adapter` writes the equivalent rank-2r adapter instead."""
+        return False
 
     @staticmethod
     def init(module: LoraLayer, adapter_name: str, **kwargs) -> None:  # buffers come from attach_correction

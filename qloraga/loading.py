@@ -17,7 +17,7 @@ from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+from bitsandbytes.functional import dequantize_4bit
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -219,10 +219,15 @@ def is_4bit(module: nn.Module) -> bool:
 
 
 def unpack_cpu_weight(module: nn.Module) -> bool:
-    """Undo bitsandbytes' CPU repacking of one `Linear4bit` weight; True if it was repacked."""
+    """Undo bitsandbytes' CPU repacking of one `Linear4bit` weight; True if it was repacked.
+
+    The inverse is a private bitsandbytes function, imported only where a repacked weight needs it, so a
+    bitsandbytes build without it (one that never repacks) does not break `import qloraga`."""
     weight = module.weight
     if not getattr(weight.quant_state, "packing_format_for_cpu", False):
         return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
     weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
     return True
 

@@ -106,6 +106,52 @@ def test_plain_lora_first_step_is_far_from_the_gradient(tiny_model_dir):
     assert max(cosines) < 0.7  # LoRA-GA reaches >= 0.95 on the same set-up
 
 
+VARIANT_HOOKS = {  # the LoraVariant hooks ResidualCorrection implements, with the parameters it relies on
+    "init": ("module", "adapter_name"),
+    "merge_safe": ("module", "active_adapter", "orig_weight"),
+    "merge_unsafe": ("module", "active_adapter", "orig_weight"),
+    "unmerge": ("module", "active_adapter", "orig_weight"),
+    "forward": ("module", "active_adapter", "x", "result"),
+    "supports_lora_conversion": ("self",),
+}
+
+
+def test_peft_still_calls_the_lora_variant_hooks(tiny_model_dir, monkeypatch):
+    """The correction is a PEFT `LoraVariant`, an API PEFT calls private: if a PEFT release renames or stops
+    calling its hooks, fail here, naming the version, rather than train without the correction."""
+    import inspect
+
+    import peft
+    from peft.tuners.lora.layer import LoraVariant
+
+    fix = f"PEFT {peft.__version__} changed its LoraVariant hooks: update qloraga.adapters.ResidualCorrection"
+    for hook, params in VARIANT_HOOKS.items():
+        assert hasattr(LoraVariant, hook), f"{fix} (no LoraVariant.{hook})"
+        got = tuple(inspect.signature(getattr(LoraVariant, hook)).parameters)[:len(params)]
+        assert got == params, f"{fix} (LoraVariant.{hook} takes {got}, expected {params})"
+    calls = {hook: 0 for hook in ("forward", "merge_safe", "merge_unsafe", "unmerge")}
+    for hook in calls:
+        original = getattr(ResidualCorrection, hook)
+
+        def counted(*args, _hook=hook, _original=original, **kwargs):
+            calls[_hook] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(ResidualCorrection, hook, staticmethod(counted))
+    batches = make_batches(n_batches=1)
+    model = load_model(tiny_model_dir("llama"), load_in_4bit=False, dtype=torch.float32)
+    peft_model = get_qloraga_model(model, QLoraGAConfig(r=2, adapter_dtype="float32", progress=False), batches)
+    layers = corrected_layers(peft_model)
+    logits(peft_model, batches)
+    assert calls["forward"] >= len(layers), f"{fix} (the variant's forward was not called)"
+    peft_model.merge_adapter()
+    assert calls["merge_safe"] + calls["merge_unsafe"] >= len(layers), f"{fix} (merge skipped the variant)"
+    peft_model.unmerge_adapter()
+    assert calls["unmerge"] >= len(layers), f"{fix} (unmerge skipped the variant)"
+    assert not any(layer.supports_lora_conversion("default") for layer in layers.values()), \
+        f"{fix} (convert_to_lora would drop the correction)"
+
+
 def test_load_model_switches_off_cpu_repacking(tiny_model_dir):
     model = load_model(tiny_model_dir("llama"))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

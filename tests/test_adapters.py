@@ -152,6 +152,16 @@ def test_peft_still_calls_the_lora_variant_hooks(tiny_model_dir, monkeypatch):
         f"{fix} (convert_to_lora would drop the correction)"
 
 
+def test_import_needs_no_private_bitsandbytes_function():
+    """A bitsandbytes build without the CPU repacking (and its private inverse) must not break `import qloraga`."""
+    import subprocess
+    import sys
+
+    code = "import bitsandbytes.functional as F; del F._convert_weight_packed_for_cpu_inverse; import qloraga"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_load_model_switches_off_cpu_repacking(tiny_model_dir):
     model = load_model(tiny_model_dir("llama"))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

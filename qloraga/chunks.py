@@ -1,16 +1,110 @@
 """Chunk planning for the exact gradient estimate: which target layers accumulate together in one pass.
 
 An fp32 accumulator costs `4 * out * in` bytes per layer, so the targets are split into chunks of
-consecutive decoder blocks whose accumulators fit a memory budget (docs/ALGORITHM.md section 2).
+consecutive decoder blocks whose accumulators fit a memory budget (docs/ALGORITHM.md section 2). With
+`init_memory_gb="auto"`, `auto_budget` sizes that budget from the device's free memory and the projected
+training step, so that the init needs no more than training will.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
+from qloraga import distributed
+from qloraga.memory import free_memory_bytes
 from qloraga.targets import block_index, decoder_blocks
 
 BYTES_FP32 = 4
+HEADROOM = 0.9  # share of the free memory the init may plan on (the rest: allocator slack, other processes)
+
+
+@dataclass
+class Budget:
+    """The fp32 accumulator budget of one chunk, and where it came from (for the init's summary line)."""
+
+    gb: float
+    source: str = "init_memory_gb"  # or "training step projection", "free memory"
+    step_gb: float = 0.0  # projected training-step memory above the weights and activations
+    free_gb: float = 0.0  # free device memory (CUDA) or MemAvailable (CPU)
+
+    def describe(self, chunks: int) -> str:
+        if self.source == "init_memory_gb":
+            return f"budget {self.gb:.2f} GB (init_memory_gb), {chunks} chunk(s)"
+        return (f"budget auto: {self.gb:.2f} GB ({self.source}; step {self.step_gb:.2f} GB, free "
+                f"{self.free_gb:.1f} GB), {chunks} chunk(s)")
+
+
+def adapter_params(targets: dict[str, nn.Linear], r: int) -> int:
+    return sum(r * (m.in_features + m.out_features) for m in targets.values())
+
+
+def svd_workspace_bytes(targets: dict[str, nn.Linear], svd_niter: int | None, r: int) -> int:
+    """fp32 bytes the SVD of the largest target's gradient allocates besides the gradient itself. Exact
+    (`torch.linalg.svd`, LAPACK gesdd, `full_matrices=False`): a copy of G, U (m x k), Vt (k x n) and about
+    `4 k^2` of work, k = min(m, n). Randomized (`svd_niter`): a few (m + n) x 4r panels."""
+    worst = 0
+    for m in targets.values():
+        rows, cols = m.out_features, m.in_features
+        k = min(rows, cols)
+        floats = rows * cols + rows * k + k * cols + 4 * k * k if svd_niter is None else 3 * (rows + cols) * 4 * r
+        worst = max(worst, floats)
+    return BYTES_FP32 * worst
+
+
+def activation_bytes(model: nn.Module, tokens: int, checkpointing: bool) -> int:
+    """A rough upper bound of one batch's activations (the dry run's formula, qloraga/dryrun.py): with
+    checkpointing each block's input and one block's recomputed activations, without it every block's; plus
+    fp32 logits and their gradient."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    vocab = getattr(config, "vocab_size", 0) or 0
+    width = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
+    per_block = (4 * hidden + 3 * inner) * width
+    blocks = hidden * layers * width + per_block if checkpointing else per_block * layers
+    return tokens * (blocks + vocab * 8)
+
+
+def batch_tokens(batches: Iterable[dict]) -> int:
+    """Tokens of the first batch (a batch is a dict with `input_ids`); 0 where it cannot be read."""
+    try:
+        ids = next(iter(batches))["input_ids"]
+    except (StopIteration, KeyError, TypeError):
+        return 0
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def auto_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict], *, r: int,
+                adapter_bytes: int, svd_niter: int | None, checkpointing: bool,
+                free_bytes: int | None = None) -> Budget:
+    """`init_memory_gb="auto"`: the accumulators of a chunk get what a training step will need anyway.
+
+    Above the weights, a training step holds the adapter state, `r (in + out)` parameters per target times
+    (A and B, their gradients and the frozen A0, B0 of the correction in the adapter dtype, plus two AdamW
+    moments: 2 bytes for the paged 8-bit AdamW `optim: auto` picks on a GPU, 8 on a CPU), and one batch's
+    activations. The init holds, besides its accumulators, the same batch's activations (its passes checkpoint
+    as training does), the fp32 factors of every target and the SVD workspace of one layer. So
+
+        budget = min(HEADROOM * free - activations, adapter state) - fp32 factors - SVD workspace,
+
+    the first term keeping the init within the device's free memory (CUDA `mem_get_info`, CPU `MemAvailable`)
+    and the second within the training step. A budget below one block's accumulators plans one block per
+    chunk, the least any exact init needs. Every process uses rank 0's budget (the same chunks everywhere)."""
+    device = next(iter(targets.values())).weight.device
+    params = adapter_params(targets, r)
+    moments = 2 if device.type == "cuda" else 8
+    step = params * (3 * adapter_bytes + moments)
+    own = params * BYTES_FP32 + svd_workspace_bytes(targets, svd_niter, r)
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    room = HEADROOM * free - activation_bytes(model, batch_tokens(batches), checkpointing)
+    source = "training step projection" if step <= room else "free memory"
+    budget = Budget(max(min(step, room) - own, 0) / 2**30, source, step / 2**30, free / 2**30)
+    return distributed.broadcast_object(budget)
 
 
 def plan_chunks(
@@ -62,3 +156,11 @@ def split_chunk(model: nn.Module, names: list[str]) -> tuple[list[str], list[str
     first = set(blocks[: len(blocks) // 2])
     return ([n for n in names if block_index(n, blocks_name) in first],
             [n for n in names if block_index(n, blocks_name) not in first])
+
+
+def chunk_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict], config) -> Budget:
+    """The budget `config.init_memory_gb` (a `QLoraGAConfig`) asks for: its number of GiB, or `auto_budget`."""
+    if config.init_memory_gb != "auto":
+        return Budget(float(config.init_memory_gb))
+    return auto_budget(model, targets, batches, r=config.r, adapter_bytes=config.torch_adapter_dtype.itemsize,
+                       svd_niter=config.svd_niter, checkpointing=config.gradient_checkpointing)

@@ -8,7 +8,7 @@ import pickle
 import sys
 from typing import Any
 
-from qloraga.config import LORA_GA_FLAGS, RunConfig, merge_settings
+from qloraga.config import LORA_GA_FLAGS, RunConfig, gib_or_auto, merge_settings
 from qloraga.presets import (
     SAFE_DEFAULTS,
     available_presets,
@@ -56,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
     add("--power-iters", type=int, help="sketch estimator: extra passes over the gradient batches")
     add("--oversample", type=int, help="sketch estimator: sketch width beyond 2r")
     add("--ga-batches", type=int, help="training batches used to estimate the gradient for LoRA-GA")
-    add("--init-memory-gb", type=float, help="memory budget of the gradient accumulators of one chunk")
+    add("--init-memory-gb", type=gib_or_auto, help="memory budget (GiB) of the gradient accumulators of one chunk, "
+        "or auto (default): from the free memory and the projected training step")
     add("--max-steps", type=int, help="optimizer steps (overrides --epochs when > 0)")
     add("--epochs", type=float, help="passes over the training data")
     add("--lr", type=float, help="peak learning rate (LoRA-GA wants a full fine-tuning one)")

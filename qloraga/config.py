@@ -42,6 +42,16 @@ def option(key: str) -> str:
     return f"--{dest.replace('_', '-')} / {key}" if dest else key
 
 
+def gib_or_auto(text: str) -> float | str:
+    """`--init-memory-gb`: a number of GiB, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number of GiB nor 'auto': {text!r}") from None
+
+
 def check_choice(name: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
     """Raise a ConfigError (a ValueError) that names the valid choices."""
     if value not in valid:
@@ -88,8 +98,9 @@ class QLoraGAConfig:
 
     `target_modules=None` targets every linear layer inside the decoder blocks, i.e. every
     attention and MLP projection of any family (Llama, Mistral, Qwen2, Gemma, Phi-3, ...).
-    `init_memory_gb` bounds the fp32 gradient accumulators of one chunk of decoder blocks;
-    `chunk_blocks` fixes the number of blocks per chunk instead.
+    `init_memory_gb` bounds the fp32 gradient accumulators of one chunk of decoder blocks, in GiB, or "auto"
+    (the default): sized from the device's free memory and the projected training step (qloraga/chunks.py,
+    `auto_budget`); `chunk_blocks` fixes the number of blocks per chunk instead.
     """
 
     r: int = 8
@@ -104,7 +115,7 @@ class QLoraGAConfig:
     # spectral norm. The paper code's 16 moved SmolLM2's 576-wide layers by 3 and raised its held-out loss
     # from 5.2 to 62; 1024-4096 lowered it at step 0 (validation splits of bench/real_convergence.py).
     lora_one_gamma: float = 2048.0
-    init_memory_gb: float = 4.0
+    init_memory_gb: float | str = "auto"
     chunk_blocks: int | None = None
     seed: int = 0
     svd_niter: int | None = None  # None: exact SVD; an int: torch.svd_lowrank with that many iterations
@@ -143,8 +154,14 @@ class QLoraGAConfig:
             raise ConfigError(f"{option('lora_ga.lora_dropout')} must be in [0, 1), got {self.lora_dropout!r}.")
         if not self.stable_gamma > 0:
             raise ConfigError(f"{option('lora_ga.stable_gamma')} must be positive, got {self.stable_gamma!r}.")
-        if not self.init_memory_gb > 0:
-            raise ConfigError(f"{option('lora_ga.init_memory_gb')} must be positive, got {self.init_memory_gb!r}.")
+        if isinstance(self.init_memory_gb, str) and self.init_memory_gb != "auto":
+            raise ConfigError(f"{option('lora_ga.init_memory_gb')} must be a number of GiB or \"auto\", got "
+                              f"{self.init_memory_gb!r}.")
+        if not isinstance(self.init_memory_gb, str):
+            if isinstance(self.init_memory_gb, bool) or not self.init_memory_gb > 0:
+                raise ConfigError(f"{option('lora_ga.init_memory_gb')} must be positive or \"auto\", got "
+                                  f"{self.init_memory_gb!r}.")
+            self.init_memory_gb = float(self.init_memory_gb)
         if self.chunk_blocks is not None and self.chunk_blocks < 1:
             raise ConfigError(f"{option('lora_ga.chunk_blocks')} must be at least 1 (or null to plan from "
                               f"init_memory_gb), got {self.chunk_blocks!r}.")

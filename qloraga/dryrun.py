@@ -11,6 +11,7 @@ import yaml
 from torch import nn
 from transformers import AutoTokenizer
 
+from qloraga.chunks import plan_chunks, svd_workspace_bytes
 from qloraga.config import COMPUTE_DTYPES, RunConfig
 from qloraga.data import CHAT_FORMATS, IGNORE, pack, prepare_tokenizer, render, resolve_format, tokenize
 from qloraga.loading import model_source
@@ -33,7 +34,8 @@ class MemoryEstimate:
     def lines(self, cfg: RunConfig) -> list[str]:
         kind = f"4-bit NF4 + {cfg.dtype} rest" if cfg.load_in_4bit else cfg.dtype
         return [f"  weights ({kind}): {size(self.weights)}",
-                f"  LoRA-GA init (weights + --init-memory-gb accumulators + one checkpointed batch): {size(self.init)}",
+                f"  LoRA-GA init (weights + a chunk's accumulators, --init-memory-gb, + one checkpointed batch): "
+                f"{size(self.init)}",
                 f"  training step (weights + adapters, gradients, AdamW + activations): {size(self.training)}"]
 
 
@@ -77,14 +79,18 @@ def estimate_memory(skeleton: nn.Module, cfg: RunConfig) -> MemoryEstimate:
     # Each block's input kept (checkpointing) + one block's activations recomputed + fp32 logits and their grad.
     checkpointed = tokens * (hidden * layers + 4 * hidden + 3 * inner) * width + tokens * config.vocab_size * 8
     full = tokens * (4 * hidden + 3 * inner) * width * layers + tokens * config.vocab_size * 8
-    accumulators = min(cfg.lora_ga.init_memory_gb * GiB, sum(4 * m.in_features * m.out_features
-                                                               for m in targets.values()))
     adapter_width = 4 if cfg.lora_ga.adapter_dtype == "float32" else 2
     factors = sum(cfg.lora_ga.r * (m.in_features + m.out_features) for m in targets.values())
     # A, B with their gradients and two AdamW moments (fp32, or 8-bit for the paged 8-bit AdamW that --optim auto
     # picks on a GPU), plus the frozen A0, B0 of the correction.
     moments = 2 if cfg.optim == "auto" or "8bit" in cfg.optim else 8
     adapters = factors * (adapter_width * 3 + moments)
+    budget = cfg.lora_ga.init_memory_gb
+    if budget == "auto":  # the training-step side of chunks.auto_budget (the free memory is not known here)
+        budget = max(adapters - 4 * factors - svd_workspace_bytes(targets, cfg.lora_ga.svd_niter, cfg.lora_ga.r),
+                     0) / GiB
+    chunks = plan_chunks(skeleton, targets, init_memory_gb=budget, chunk_blocks=cfg.lora_ga.chunk_blocks)
+    accumulators = max(sum(4 * targets[n].in_features * targets[n].out_features for n in c) for c in chunks)
     activations = checkpointed if cfg.gradient_checkpointing else full
     return MemoryEstimate(weights, weights + accumulators + checkpointed, weights + adapters + activations)
 

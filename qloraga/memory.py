@@ -40,3 +40,17 @@ def current_memory_gb() -> float:
 
 def memory_kind() -> str:
     return "GPU max allocated" if torch.cuda.is_available() else "process peak RSS"
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What the device can still give this process: CUDA `mem_get_info` free bytes plus what torch's caching
+    allocator holds unused; on a CPU, `MemAvailable` of /proc/meminfo (0 where unreadable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -78,6 +78,67 @@ def test_memory_budget_sets_the_chunk_size(tiny_model_dir):
     assert len(plan_chunks(model, targets, init_memory_gb=1e-9)) == 2
 
 
+def test_auto_budget_plans_from_free_memory_and_training_step(tiny_model_dir, monkeypatch):
+    """`init_memory_gb="auto"`: min(HEADROOM * free - activations, training step's adapter state) minus the
+    init's own fp32 factors and SVD workspace; the planner then fits chunks to it."""
+    from qloraga import chunks
+
+    model = load_model(tiny_model_dir("llama"))
+    targets = find_target_layers(model)
+    batches = make_batches()
+    block = 4 * sum(m.out_features * m.in_features for n, m in targets.items() if ".layers.0." in n)
+    params = chunks.adapter_params(targets, 4)
+    own = 4 * params + chunks.svd_workspace_bytes(targets, None, 4)
+    acts = chunks.activation_bytes(model, chunks.batch_tokens(batches), True)
+    assert chunks.batch_tokens(batches) == 2 * 12 and acts > 0
+
+    def auto(free: float) -> chunks.Budget:
+        return chunks.auto_budget(model, targets, batches, r=4, adapter_bytes=2, svd_niter=None,
+                                  checkpointing=True, free_bytes=int(free))
+
+    big = auto(1e15)  # plenty of memory: the training step decides (CPU: fp32 AdamW moments, 8 bytes)
+    assert big.source == "training step projection"
+    assert big.gb * 2**30 == pytest.approx(max(params * (3 * 2 + 8) - own, 0))
+    assert "budget auto" in big.describe(2) and "training step projection" in big.describe(2)
+    # A projected step as large as two blocks' accumulators: now the free memory decides.
+    huge = 10 * (block + own)
+    monkeypatch.setattr(chunks, "adapter_params", lambda *_: huge)
+    own = 4 * huge + chunks.svd_workspace_bytes(targets, None, 4)
+    for blocks, expected in [(2.5, 1), (1.5, 2), (0.0, 2)]:
+        budget = auto((blocks * block + own + acts) / chunks.HEADROOM)
+        assert budget.source == "free memory"
+        assert budget.gb * 2**30 == pytest.approx(blocks * block, abs=16)
+        assert len(plan_chunks(model, targets, init_memory_gb=budget.gb)) == expected
+
+
+def test_auto_budget_is_the_default_and_the_summary_says_it(tiny_model_dir, monkeypatch):
+    from qloraga import chunks
+
+    assert QLoraGAConfig().init_memory_gb == "auto"
+    model = load_model(tiny_model_dir("llama"))
+    monkeypatch.setattr(chunks, "free_memory_bytes", lambda device: 0)  # no room: one block per chunk
+    _, report = lora_ga_init(model, find_target_layers(model), make_batches(), QLoraGAConfig(r=4, progress=False))
+    assert report.chunks == 2
+    assert "budget auto: 0.00 GB (free memory" in report.summary() and report.summary().endswith("2 chunk(s)")
+    _, fixed = lora_ga_init(model, find_target_layers(model), make_batches(),
+                            QLoraGAConfig(r=4, init_memory_gb=4, progress=False))
+    assert fixed.chunks == 1 and "budget 4.00 GB (init_memory_gb), 1 chunk(s)" in fixed.summary()
+
+
+def test_init_memory_gb_takes_a_number_or_auto():
+    from qloraga.cli import parser
+    from qloraga.config import ConfigError
+
+    assert QLoraGAConfig.from_dict({"init_memory_gb": 4}).init_memory_gb == 4.0
+    assert QLoraGAConfig.from_dict({"init_memory_gb": 0.5}).init_memory_gb == 0.5
+    assert QLoraGAConfig.from_dict({"init_memory_gb": "auto"}).init_memory_gb == "auto"
+    for bad in ["lots", True, 0, -1.0]:
+        with pytest.raises(ConfigError, match="init_memory_gb"):
+            QLoraGAConfig.from_dict({"init_memory_gb": bad})
+    assert parser().parse_args(["--init-memory-gb", "auto"]).init_memory_gb == "auto"
+    assert parser().parse_args(["--init-memory-gb", "1.5"]).init_memory_gb == 1.5
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_estimation_leaves_the_model_as_it_was(tiny_model_dir, checkpointing):
     model = load_model(tiny_model_dir("llama"))

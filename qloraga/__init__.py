@@ -5,11 +5,11 @@ import qloraga.noise  # noqa: F401  (first: filters third-party noise, some logg
 # isort: split
 from qloraga.adapters import get_qloraga_model
 from qloraga.config import QLoraGAConfig
-from qloraga.export import export_adapter
+from qloraga.export import export_adapter, export_merged
 from qloraga.factors import lora_ga_factors
 from qloraga.integrations import restore_adapter_dtype
 from qloraga.loading import load_model
 
-__all__ = ["QLoraGAConfig", "export_adapter", "get_qloraga_model", "load_model", "lora_ga_factors",
+__all__ = ["QLoraGAConfig", "export_adapter", "export_merged", "get_qloraga_model", "load_model", "lora_ga_factors",
            "restore_adapter_dtype"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Export a trained qloraga model: a standard rank-2r PEFT LoRA adapter, or a merged bf16 model.
+"""Export a trained qloraga model: a standard rank-2r PEFT LoRA adapter (`export_adapter`), or a merged bf16
+model (`export_merged`).
 
 The trained update is `s (B A - B0 A0)`, i.e. `s [B, -B0] [A; A0]`: a plain LoRA adapter of rank 2r
 with `lora_alpha` doubled (the same `s`), which upstream PEFT, vLLM and others load on the untouched
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,23 +116,43 @@ def write_merged(model: PeftModel, out: Path) -> None:
         generation_config.save_pretrained(out)
 
 
-def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool = False,
+def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool | None = None,
                    tokenizer=None) -> Path:
-    """Write a portable PEFT LoRA adapter (default) or, with `merged=True`, a merged bf16 model.
+    """Write a portable PEFT LoRA adapter: rank 2r with the correction folded in, or PEFT's own format for a
+    model without one (plain LoRA, LoRA-One). For a merged model, call `export_merged`.
 
     The folder appears complete or not at all (written under a temporary name, then renamed).
+    `merged=True` (deprecated) still writes a merged model.
     """
-    out_dir = Path(out_dir)
-    disable_cpu_repacking(model)
-    plain = not corrected_layers(model)  # a plain LoRA baseline: PEFT's own format is already portable
-    with atomic_dir(out_dir) as tmp:
+    if merged is not None:
+        warnings.warn("export_adapter(..., merged=...) is deprecated: call qloraga.export_merged(model, out_dir) "
+                      "for a merged model, export_adapter(model, out_dir) for an adapter.",
+                      DeprecationWarning, stacklevel=2)
         if merged:
-            write_merged(model, tmp)
-        elif plain:
+            return export_merged(model, out_dir, tokenizer=tokenizer)
+
+    def write(tmp: Path) -> None:
+        if not corrected_layers(model):  # plain LoRA or LoRA-One: PEFT's own format is already portable
             model.save_pretrained(str(tmp))
         else:
             save_tensors(adapter_tensors(model), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
             adapter_config(model).save_pretrained(str(tmp))
+
+    return write_folder(model, out_dir, write, tokenizer)
+
+
+def export_merged(model: PeftModel, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a whole bf16 model with the update folded in, `deq(Wq) + s (B A - B0 A0)` (what training saw),
+    loadable without PEFT. The folder appears complete or not at all."""
+    return write_folder(model, out_dir, lambda tmp: write_merged(model, tmp), tokenizer)
+
+
+def write_folder(model: PeftModel, out_dir: str | os.PathLike, write, tokenizer=None) -> Path:
+    """`write(tmp)` into a temporary folder (and the tokenizer, if any), renamed to `out_dir` when complete."""
+    out_dir = Path(out_dir)
+    disable_cpu_repacking(model)
+    with atomic_dir(out_dir) as tmp:
+        write(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --format gguf: also write base-f16.gguf, the dequantized base adapter.gguf applies to")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the run's)")
     args = p.parse_args(argv)
-    from qloraga.export import export_adapter
+    from qloraga.export import export_merged
     from qloraga.gguf_export import check_gguf_run, export_gguf
     from qloraga.runs import load_run_model, open_run
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"GGUF files written to {out}: {', '.join(p.name for p in written)}."
                   + (f" Ollama: cd {out} && ollama create NAME -f Modelfile" if len(written) > 1 else ""))
             return 0
-        out = export_adapter(model, args.output or run.path / "merged", merged=True, tokenizer=tokenizer)
+        out = export_merged(model, args.output or run.path / "merged", tokenizer=tokenizer)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from qloraga.adapters import get_lora_model, get_qloraga_model
 from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
 from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, tokenize
 from qloraga.evaluation import exact_match, held_out_loss
-from qloraga.export import export_adapter
+from qloraga.export import export_adapter, export_merged
 from qloraga.io import save_json, save_text
 from qloraga.loading import load_model, model_source
 from qloraga.memory import memory_kind, peak_memory_gb
@@ -150,7 +150,7 @@ def finetune(cfg: RunConfig) -> Path:
     say(f"after fine-tuning: {describe(after)}")
     export_adapter(model, out / "adapter", tokenizer=tokenizer)
     if cfg.merge:
-        export_adapter(model, out / "merged", merged=True, tokenizer=tokenizer)
+        export_merged(model, out / "merged", tokenizer=tokenizer)
     plotted = plot_loss(out / "metrics.jsonl", out / "loss.png")
     save_json({"before": before, "after": after, "seconds": time.perf_counter() - start,
                "peak_memory_gb": peak_memory_gb(), "memory_kind": memory_kind(),

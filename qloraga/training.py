@@ -105,7 +105,7 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path) -> TrainingArgument
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio of the total steps
         weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,

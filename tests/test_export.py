@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_adapters import logits
 from transformers import AutoModelForCausalLM
 
-from qloraga import QLoraGAConfig, export_adapter, get_qloraga_model, load_model
+from qloraga import QLoraGAConfig, export_adapter, export_merged, get_qloraga_model, load_model
 from qloraga.adapters import corrected_layers
 from qloraga.loading import dequantized_weight
 
@@ -61,7 +61,7 @@ def test_merged_export_folds_in_the_update(tiny_model_dir, tmp_path):
     path = tiny_model_dir("llama")
     model, batches = trained_model(path)
     ours = logits(model, batches)
-    out = export_adapter(model, tmp_path / "merged", merged=True)
+    out = export_merged(model, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     layer = corrected_layers(model)["base_model.model.model.layers.1.mlp.up_proj"]
@@ -71,6 +71,13 @@ def test_merged_export_folds_in_the_update(tiny_model_dir, tmp_path):
     torch.testing.assert_close(merged.model.layers[1].mlp.up_proj.weight.float(), expected,
                                rtol=1e-2, atol=1e-3)  # one bf16 rounding
     assert rel(logits(merged, batches), ours) < 3e-2
+
+
+def test_merged_keyword_still_writes_a_merged_model_with_a_deprecation(tiny_model_dir, tmp_path):
+    model, _ = trained_model(tiny_model_dir("llama"), steps=1)
+    with pytest.warns(DeprecationWarning, match="export_merged"):
+        out = export_adapter(model, tmp_path / "merged", merged=True)
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
 
 
 def test_export_replaces_a_folder_atomically(tiny_model_dir, tmp_path):

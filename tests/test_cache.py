@@ -58,7 +58,8 @@ def test_out_of_memory_halves_the_chunk_and_retries(tiny_model_dir, monkeypatch,
     path, batches = tiny_model_dir("llama"), make_batches()
     model = load_model(path)
     targets = find_target_layers(model)
-    reference, _ = lora_ga_init(model, targets, batches, QLoraGAConfig(r=4, progress=False))
+    config = QLoraGAConfig(r=4, init_memory_gb=4.0, progress=False)  # both blocks in one chunk, until the OOM
+    reference, _ = lora_ga_init(model, targets, batches, config)
     real = initialization.accumulate_chunk
 
     def oom_on_big_chunks(model, layers, *args, **kwargs):
@@ -67,7 +68,7 @@ def test_out_of_memory_halves_the_chunk_and_retries(tiny_model_dir, monkeypatch,
         return real(model, layers, *args, **kwargs)
 
     monkeypatch.setattr(initialization, "accumulate_chunk", oom_on_big_chunks)
-    factors, report = lora_ga_init(model, targets, batches, QLoraGAConfig(r=4, progress=False))
+    factors, report = lora_ga_init(model, targets, batches, config)
     assert report.chunks == 2
     assert "halving" in capsys.readouterr().err
     for name, (a, b) in reference.items():

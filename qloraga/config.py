@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -18,6 +19,11 @@ SCALED_OPTIMIZERS = ("scaled_adamw", "scaled_sgd")  # Riemannian-preconditioned 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# The embedded demo (`model: demo`, `dataset: demo`): a tiny self-trained Llama and its word problems.
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_MODEL = DEMO_DIR / "model"
+DEMO_TRAIN = DEMO_DIR / "data" / "train.jsonl"
+DEMO_EVAL = DEMO_DIR / "data" / "eval.jsonl"
 
 
 class ConfigError(ValueError):

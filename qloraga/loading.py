@@ -28,6 +28,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
 from qloraga.io import atomic_dir
 
 
@@ -212,6 +213,14 @@ def load_model(
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's inputs go: the device of its input embeddings."""
     return model.get_input_embeddings().weight.device
+
+
+def load_base(cfg: RunConfig, dtype: str | None = None) -> PreTrainedModel:
+    """A run's base model exactly as its settings say (4-bit or not, compute dtype, quant storage,
+    trust_remote_code): what `finetune` trains and what evaluate, export and chat load again from the run's
+    config.yaml. `dtype` overrides the compute dtype."""
+    return load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, dtype=COMPUTE_DTYPES[dtype or cfg.dtype],
+                      trust_remote_code=cfg.trust_remote_code, quant_storage=QUANT_STORAGE[cfg.quant_storage])
 
 
 def is_4bit(module: nn.Module) -> bool:

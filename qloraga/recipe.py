@@ -14,20 +14,15 @@ from transformers import AutoTokenizer, set_seed
 
 from qloraga import distributed
 from qloraga.adapters import get_lora_model, get_qloraga_model
-from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
+from qloraga.config import DEMO_DIR, DEMO_EVAL, DEMO_MODEL, DEMO_TRAIN, RunConfig  # noqa: F401 (DEMO_DIR: API)
 from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, tokenize
 from qloraga.evaluation import exact_match, held_out_loss
 from qloraga.export import export_adapter, export_merged
 from qloraga.io import save_json, save_text
-from qloraga.loading import load_model, model_source
+from qloraga.loading import load_base, model_source
 from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.preflight import check_run
 from qloraga.training import GracefulInterrupt, StopOnNonFiniteLoss, build_trainer, last_checkpoint, plot_loss
-
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
-DEMO_MODEL = DEMO_DIR / "model"
-DEMO_TRAIN = DEMO_DIR / "data" / "train.jsonl"
-DEMO_EVAL = DEMO_DIR / "data" / "eval.jsonl"
 
 
 def say(message: str) -> None:
@@ -111,8 +106,7 @@ def finetune(cfg: RunConfig) -> Path:
     collator = Collator(tokenizer.pad_token_id)
 
     # Model, and where it starts.
-    model = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, dtype=COMPUTE_DTYPES[cfg.dtype],
-                       trust_remote_code=cfg.trust_remote_code, quant_storage=QUANT_STORAGE[cfg.quant_storage])
+    model = load_base(cfg)
     say(f"model: {cfg.model} ({'4-bit NF4, ' + cfg.dtype + ' compute' if cfg.load_in_4bit else cfg.dtype})")
     if main:
         before = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)

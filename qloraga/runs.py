@@ -20,7 +20,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
+from qloraga.config import RunConfig
 from qloraga.io import save_json, save_tensors
 
 A0, B0 = "qloraga_A0", "qloraga_B0"
@@ -126,11 +126,10 @@ def load_run_model(run: Run, checkpoint: int | None = None, base_only: bool = Fa
     from transformers import AutoTokenizer
 
     from qloraga.data import prepare_tokenizer
-    from qloraga.loading import load_model, model_source
+    from qloraga.loading import load_base, model_source
 
     cfg = run.config
-    model = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, dtype=COMPUTE_DTYPES[dtype or cfg.dtype],
-                       trust_remote_code=cfg.trust_remote_code, quant_storage=QUANT_STORAGE[cfg.quant_storage])
+    model = load_base(cfg, dtype)
     source = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").exists() else model_source(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     prepare_tokenizer(tokenizer, cfg.chat_template)

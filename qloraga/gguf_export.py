@@ -362,7 +362,8 @@ def ollama_template(chat_template: str | None, eos: str) -> tuple[str | None, li
 def write_modelfile(tokenizer, path: str | os.PathLike, model_file: str = "./model-q8_0.gguf") -> Path:
     eos = tokenizer.eos_token or ""
     template, stops = ollama_template(getattr(tokenizer, "chat_template", None), eos)
-    lines = [f"FROM {model_file}", ""]
+    lines = [f"FROM {model_file}",
+             "# or the adapter on a base GGUF of the same model: FROM /path/to/base.gguf + ADAPTER ./adapter.gguf", ""]
     if template is None:
         lines += ["# The chat template could not be expressed as an Ollama template: Ollama uses the one in the",
                   "# GGUF metadata (tokenizer.chat_template) where it recognises it. Add a TEMPLATE here if not.", ""]

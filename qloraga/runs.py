@@ -140,9 +140,8 @@ def load_run_model(run: Run, checkpoint: int | None = None, base_only: bool = Fa
             have = available_checkpoints(run)
             raise FileNotFoundError(f"{run.path} has no adapter/ (the run did not finish): pass --checkpoint N "
                                     f"(checkpoints: {', '.join(map(str, have)) if have else 'none'}).")
-        model = PeftModel.from_pretrained(model, run.adapter_dir, autocast_adapter_dtype=False)
+        model = PeftModel.from_pretrained(model, run.adapter_dir)  # adapters in fp32, as the presets train them
     else:
         with tempfile.TemporaryDirectory(prefix="qloraga-ckpt-") as tmp:
-            model = PeftModel.from_pretrained(model, checkpoint_adapter(run, checkpoint, tmp),
-                                              autocast_adapter_dtype=False)
+            model = PeftModel.from_pretrained(model, checkpoint_adapter(run, checkpoint, tmp))
     return model.eval(), tokenizer

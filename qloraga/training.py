@@ -117,8 +117,8 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path) -> TrainingArgument
         optim=resolve_optim(cfg.optim),
         seed=cfg.seed,
         data_seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         label_names=["labels"],
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",

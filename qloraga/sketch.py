@@ -12,7 +12,7 @@ row basis P. The gradient must be deterministic across passes (dropout off, same
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -40,20 +40,49 @@ def gaussian(rows: int, cols: int, seed: int, name: str, device: torch.device) -
     return torch.randn(rows, cols, generator=layer_generator(seed, name)).to(device)
 
 
+class TestMatrices(Mapping):
+    """Each layer's Gaussian test matrix, drawn again from the seed whenever it is asked for instead of being
+    held for every layer through a pass: the same bits every time (`gaussian`), and only the layer whose
+    product is being taken holds its matrix. `shapes`: name -> (rows, cols, device)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int, torch.device]], seed: int, suffix: str) -> None:
+        self.shapes, self.seed, self.suffix = shapes, seed, suffix
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        rows, cols, device = self.shapes[name]
+        return gaussian(rows, cols, self.seed, name + self.suffix, device)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def width(self, name: str) -> int:
+        return self.shapes[name][1]
+
+
+def width(test: Mapping[str, torch.Tensor], name: str) -> int:
+    return test.width(name) if isinstance(test, TestMatrices) else test[name].shape[1]
+
+
 def orth(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(m).Q
 
 
 def sketch_pass(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[dict],
-                right: dict[str, torch.Tensor], left: dict[str, torch.Tensor], progress=None,
+                right: Mapping[str, torch.Tensor], left: Mapping[str, torch.Tensor] | None, progress=None,
                 checkpointing: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One pass: mean over batches of `G @ right[name]` (out x k) and `G^T @ left[name]` (in x l)."""
-    g_right = {n: torch.zeros(m.out_features, right[n].shape[1], device=right[n].device) for n, m in layers.items()}
-    gt_left = {n: torch.zeros(m.in_features, left[n].shape[1], device=left[n].device) for n, m in layers.items()}
+    """One pass: mean over batches of `G @ right[name]` (out x k) and, unless `left` is None (the last power
+    iteration needs only `G P`), `G^T @ left[name]` (in x l). `right`, `left`: tensors or `TestMatrices`."""
+    g_right = {n: torch.zeros(m.out_features, width(right, n), device=m.weight.device) for n, m in layers.items()}
+    gt_left = {} if left is None else {n: torch.zeros(m.in_features, width(left, n), device=m.weight.device)
+                                       for n, m in layers.items()}
 
     def add(name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
         g_right[name].addmm_(delta.T, x @ right[name])
-        gt_left[name].addmm_(x.T, delta @ left[name])
+        if left is not None:
+            gt_left[name].addmm_(x.T, delta @ left[name])
 
     n = backward_pass(model, layers, batches, add, progress, checkpointing)
     for sums in (g_right, gt_left):
@@ -68,14 +97,14 @@ def top_vectors_from_sketches(
     layers: dict[str, nn.Linear],
     sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
     k: int,
-    psi: dict[str, torch.Tensor] | None = None,
+    psi: Mapping[str, torch.Tensor] | None = None,
     right: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Sketch]:
     """The top `k` singular triplets per layer from the last pass's sums: after a single pass with `psi`, the
     left test matrices; after power iterations with `right`, the row bases the last pass multiplied by."""
     out = {}
     for name in layers:
-        y, z = sums[0][name], sums[1][name]
+        y, z = sums[0][name], sums[1].get(name)  # no G^T Q after power iterations
         if right is None:  # single pass: G ~ Q X with X solving (Psi^T Q) X = Z^T
             q = orth(y)
             x = torch.linalg.lstsq(psi[name].T @ q, z.T).solution
@@ -103,19 +132,22 @@ def sketched_singular_vectors(
 ) -> dict[str, Sketch]:
     """Top-2r singular triplets (and the sketch norm) of every layer's gradient in `1 + power_iters` passes."""
     # Psi (the left test matrix) is twice as wide as the rank sought, k: the single-pass solve needs it
-    # wider than Omega; with power iterations Omega is as wide, so both bases keep 2k columns.
-    omega, psi = {}, {}
+    # wider than Omega; with power iterations Omega is as wide, so both bases keep 2k columns. Both are drawn
+    # again from the seed where they are used (TestMatrices), not held for every layer through the pass.
+    omega_shapes, psi_shapes = {}, {}
     for n, m in layers.items():
         k = sketch_width(r, oversample, m.out_features, m.in_features)
-        omega[n] = gaussian(m.in_features, min(2 * k, m.in_features) if power_iters else k, seed, n + ".omega",
-                            m.weight.device)
-        psi[n] = gaussian(m.out_features, min(2 * k, m.out_features), seed, n + ".psi", m.weight.device)
-    sums = sketch_pass(model, layers, batches, omega, psi, progress, checkpointing)
+        omega_shapes[n] = (m.in_features, min(2 * k, m.in_features) if power_iters else k, m.weight.device)
+        psi_shapes[n] = (m.out_features, min(2 * k, m.out_features), m.weight.device)
+    psi = TestMatrices(psi_shapes, seed, ".psi")
+    sums = sketch_pass(model, layers, batches, TestMatrices(omega_shapes, seed, ".omega"), psi, progress,
+                       checkpointing)
     right = None
-    for _ in range(power_iters):
-        omega = psi = None  # only a single-pass solve needs the test matrices: free them
+    for i in range(power_iters):
+        psi = None  # only a single-pass solve needs the test matrices
         right = {n: orth(sums[1][n]) for n in layers}  # row basis P from G^T Psi (then G^T Q)
-        left = {n: orth(sums[0][n]) for n in layers}  # column basis Q from G Omega (then G P)
+        # column basis Q from G Omega (then G P); the last pass needs only G P, so no Q and no G^T Q
+        left = {n: orth(sums[0][n]) for n in layers} if i < power_iters - 1 else None
         sums = None  # before the next pass allocates its own
         sums = sketch_pass(model, layers, batches, right, left, progress, checkpointing)
         del left

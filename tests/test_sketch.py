@@ -108,3 +108,32 @@ def test_cli_with_the_sketch_estimator(tiny_model_dir, tmp_path, capsys):
     assert run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--4bit", "--estimator", "sketch") == 0
     assert "2 sketch pass(es)" in capsys.readouterr().out
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_regenerated_test_matrices_and_the_lighter_last_pass_give_the_same_bits(setup):
+    """The Gaussian test matrices are drawn again from the seed where they are used instead of being held
+    for every layer through pass 1, and the last power iteration accumulates G P alone (G^T Q was unused):
+    the factors are those of stored matrices and full passes, bit for bit."""
+    from qloraga.sketch import TestMatrices, gaussian, orth, sketch_pass, sketch_width, top_vectors_from_sketches
+
+    model, batches, targets, _ = setup
+    omega_shapes, psi_shapes = {}, {}
+    for n, m in targets.items():
+        k = sketch_width(R, 8, m.out_features, m.in_features)
+        omega_shapes[n] = (m.in_features, min(2 * k, m.in_features), m.weight.device)
+        psi_shapes[n] = (m.out_features, min(2 * k, m.out_features), m.weight.device)
+    stored = [{n: gaussian(rows, cols, 0, n + suffix, device) for n, (rows, cols, device) in shapes.items()}
+              for shapes, suffix in [(omega_shapes, ".omega"), (psi_shapes, ".psi")]]
+    lazy = sketch_pass(model, targets, batches, TestMatrices(omega_shapes, 0, ".omega"),
+                       TestMatrices(psi_shapes, 0, ".psi"))
+    sums = sketch_pass(model, targets, batches, *stored)
+    for i in range(2):
+        assert all(torch.equal(lazy[i][n], sums[i][n]) for n in targets)
+    right = {n: orth(sums[1][n]) for n in targets}
+    left = {n: orth(sums[0][n]) for n in targets}
+    reference = top_vectors_from_sketches(targets, sketch_pass(model, targets, batches, right, left), 2 * R,
+                                          right=right)
+    new = sketched_singular_vectors(model, targets, batches, r=R, power_iters=1)
+    for n in targets:
+        for a, b in zip([*reference[n].spectrum, reference[n].norm], [*new[n].spectrum, new[n].norm], strict=True):
+            assert torch.equal(a, b), n

@@ -38,6 +38,7 @@ def child(spec: dict) -> dict:
             model, batches, r=r, init_memory_gb=spec["init_memory_gb"], estimator=spec.get("estimator", "exact"),
             gradient_checkpointing=spec.get("checkpointing", True)))
         stats["chunks"] = peft_model.qloraga_report.chunks
+        stats["budget"] = peft_model.qloraga_report.budget
     elif spec["method"] == "peft_loraga":
         _, stats = common.measure(lambda: common.peft_loraga_model(model, batches, r=r))
     else:  # qlora_step
@@ -57,7 +58,7 @@ def run(spec: dict, repeats: int, tiny: bool = False) -> dict:
     the `import` row, so that the smoke test still goes through the subprocess harness once)."""
     inprocess = child if tiny and spec["method"] != "import" else None
     runs = [common.run_child(SCRIPT, spec, inprocess) for _ in range(repeats)]
-    out = {k: common.median([r[k] for r in runs]) for k in runs[0]}
+    out = {k: common.median([r[k] for r in runs]) if isinstance(v, (int, float)) else v for k, v in runs[0].items()}
     out["runs"] = runs
     return out
 
@@ -126,7 +127,8 @@ def run_main(args, spec) -> dict:
         "import": spec("import", args.shape),
         "(a) qloraga 4-bit, chunked": spec("qloraga", args.shape, init_memory_gb=budget),
         "(a1) qloraga 4-bit, 1 block per chunk": spec("qloraga", args.shape, init_memory_gb=budget / args.chunk_blocks),
-        "(a') qloraga 4-bit, default init_memory_gb=4": spec("qloraga", args.shape, init_memory_gb=4.0),
+        "(a') qloraga 4-bit, init_memory_gb=4": spec("qloraga", args.shape, init_memory_gb=4.0),
+        "(a auto) qloraga 4-bit, init_memory_gb=auto (default)": spec("qloraga", args.shape, init_memory_gb="auto"),
         "(a'') qloraga 4-bit, estimator=sketch": spec("qloraga", args.shape, init_memory_gb=4.0, estimator="sketch"),
         "(b) PEFT lora_ga bf16": spec("peft_loraga", args.shape),
         "(c) QLoRA step": spec("qlora_step", args.shape),

@@ -1,4 +1,4 @@
-"""qloraga: LoRA-GA initialisation for fine-tuning 4-bit (NF4) quantized causal LMs."""
+"""qloraga: gradient-aligned (LoRA-GA, LoRA-One) fine-tuning of 4-bit (NF4) quantized causal LMs."""
 
 import qloraga.noise  # noqa: F401  (first: filters third-party noise, some logged when bitsandbytes is imported)
 
@@ -6,10 +6,11 @@ import qloraga.noise  # noqa: F401  (first: filters third-party noise, some logg
 from qloraga.adapters import get_qloraga_model
 from qloraga.config import QLoraGAConfig
 from qloraga.export import export_adapter, export_merged
-from qloraga.factors import lora_ga_factors
+from qloraga.factors import lora_ga_factors, lora_one_factors
 from qloraga.integrations import restore_adapter_dtype
 from qloraga.loading import load_model
+from qloraga.optim import ScaledAdamW, ScaledSGD, scaled_optimizer
 
-__all__ = ["QLoraGAConfig", "export_adapter", "export_merged", "get_qloraga_model", "load_model", "lora_ga_factors",
-           "restore_adapter_dtype"]
+__all__ = ["QLoraGAConfig", "ScaledAdamW", "ScaledSGD", "export_adapter", "export_merged", "get_qloraga_model",
+           "load_model", "lora_ga_factors", "lora_one_factors", "restore_adapter_dtype", "scaled_optimizer"]
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ import pickle
 import sys
 from typing import Any
 
-from qloraga.config import LORA_GA_FLAGS, RunConfig, gib_or_auto, merge_settings
+from qloraga.config import INITS, LORA_GA_FLAGS, RunConfig, gib_or_auto, merge_settings
 from qloraga.presets import (
     SAFE_DEFAULTS,
     available_presets,
@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
     add("--rank", type=int, help="LoRA rank r (the exported adapter has rank 2r)")
     add("--alpha", type=float, help="LoRA alpha (scaling alpha/r)")
     add("--direction", help="LoRA-GA direction: ArB2r, A2rBr, ArBr or random")
-    add("--init", choices=["lora-ga", "lora"], help="adapter initialisation (lora: plain B=0, for comparison)")
+    add("--init", choices=list(INITS),
+        help="adapter initialisation: lora-ga (step 0 = the base, through a frozen correction), lora-one (top-r "
+             "of -G, no correction: step 0 carries a scaled gradient step) or lora (plain B=0)")
     add("--estimator", choices=["exact", "sketch"],
         help="gradient estimator: exact (chunked fp32 G) or sketch (one streaming pass, QLoRA-step memory)")
     add("--power-iters", type=int, help="sketch estimator: extra passes over the gradient batches")
@@ -66,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     add("--seq-len", type=int, help="maximum tokens per sequence (longer samples are truncated)")
     add("--packing", action="store_true", help="pack several samples into each sequence")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations")
-    add("--optim", help="optimizer name for transformers (auto: paged 8-bit AdamW on GPU, AdamW on CPU)")
+    add("--optim", help="optimizer: scaled_adamw or scaled_sgd (Riemannian-preconditioned LoRA factors), or a "
+                        "transformers name (auto: paged 8-bit AdamW on GPU, AdamW on CPU)")
     add("--save-steps", type=int, help="write a checkpoint every N optimizer steps")
     add("--logging-steps", type=int, help="log the training loss every N optimizer steps")
     add("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")

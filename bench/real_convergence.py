@@ -144,7 +144,7 @@ def train_run(task: Task, method: str, lr: float, seed: int, args, base_path: st
 
 def summarize(task: str, chosen: dict[str, float], runs: dict[str, list[dict]], steps: int) -> list[dict]:
     """Per method: steps to plain QLoRA's final loss, final test loss and metric (mean, min, max over seeds)."""
-    target = convergence.mean_curve(runs[PLAIN], "test_loss")[-1]
+    target = convergence.mean_curve(runs[PLAIN], "test_loss")[-1] if PLAIN in runs else float("nan")
     rows = []
     for method, method_runs in runs.items():
         curve = convergence.mean_curve(method_runs, "test_loss")
@@ -169,8 +169,9 @@ def draw_curves(fig, results: dict[str, dict]) -> None:
             hi = [max(r["test_loss"][i] for r in method_runs) for i in range(len(steps))]
             (line,) = ax.plot(steps, curve, label=f"{method} (lr {res['chosen'][method]:g})", lw=1.3)
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
-        target = convergence.mean_curve(res["runs"][PLAIN], "test_loss")[-1]
-        ax.axhline(target, color="gray", ls=":", lw=1, label="plain QLoRA's final loss")
+        if PLAIN in res["runs"]:
+            target = convergence.mean_curve(res["runs"][PLAIN], "test_loss")[-1]
+            ax.axhline(target, color="gray", ls=":", lw=1, label="plain QLoRA's final loss")
         ax.set(xlabel="step", ylabel="held-out (test) loss per completion token",
                title=f"SmolLM2-135M-Instruct, 4-bit: {task}")
         ax.legend(fontsize=6)

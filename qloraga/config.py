@@ -203,7 +203,9 @@ class RunConfig:
     load_in_4bit: bool = False
     dtype: str = "bfloat16"  # compute dtype (NF4) or weight dtype; float32 where a CPU lacks bf16 kernels
     quant_storage: str = "uint8"  # bfloat16 under FSDP (configs/accelerate/fsdp_qlora.yaml)
-    init: str = "lora-ga"
+    # LoRA-One: fastest to plain QLoRA's final loss and lowest final loss on both real-model tasks at tuned
+    # learning rates (BENCHMARKS.md section 6); `--init lora-ga` is the paper-exact LoRA-GA (step 0 = the base).
+    init: str = "lora-one"
     ga_batches: int = 8
     max_steps: int = -1
     epochs: float = 1.0

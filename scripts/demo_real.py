@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TASK = ROOT / "bench" / "real_tasks" / "debian.jsonl"
 # The real-model benchmark's defaults (init, optimizer) and this task's best learning rate for them.
-SETTINGS = ["--init", "lora-ga", "--optim", "adamw_torch", "--lr", "3e-4"]
+SETTINGS = ["--init", "lora-one", "--optim", "adamw_torch", "--lr", "3e-3"]
 
 
 def write_split(rows: list[dict], path: Path) -> str:

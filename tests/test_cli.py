@@ -42,7 +42,8 @@ def write_dataset(path, fmt, n=24):
 
 
 def run_cli(model, dataset, out, *extra):
-    argv = ["--model", model, "--dataset", dataset, "--output-dir", str(out), "--rank", "4", "--max-steps", "4",
+    argv = ["--model", model, "--dataset", dataset, "--output-dir", str(out), "--init", "lora-ga", "--rank", "4",
+            "--max-steps", "4",
             "--batch-size", "4", "--grad-accum", "1", "--ga-batches", "2", "--seq-len", "128", "--lr", "1e-3",
             "--save-steps", "2", "--logging-steps", "1", "--eval-samples", "4", "--no-gradient-checkpointing",
             "--dtype", "float32", *extra]  # fp32 compute: bf16 matmuls are emulated (slow) on CPUs like CI's

@@ -132,7 +132,7 @@ def test_cli_under_torchrun_writes_one_adapter(tiny_model_dir, tmp_path):
            str(ROOT / "scripts" / "finetune.py"), "--model", tiny_model_dir("llama"), "--dataset", data,
            "--output-dir", str(out), "--4bit", "--rank", "4", "--batch-size", "2", "--grad-accum", "1", "--seq-len",
            "64", "--lr", "1e-3", "--max-steps", "3", "--ga-batches", "4", "--logging-steps", "1", "--eval-samples", "2",
-           "--no-gradient-checkpointing"]
+           "--no-gradient-checkpointing", "--init", "lora-ga"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -20,7 +20,7 @@ def test_dry_run_loads_nothing_and_writes_nothing(tiny_model_dir, tmp_path, caps
     def forbidden(*args, **kwargs):
         raise AssertionError("--dry-run loaded weights")
 
-    monkeypatch.setattr(qloraga.recipe, "load_model", forbidden)
+    monkeypatch.setattr(qloraga.recipe, "load_base", forbidden)
     monkeypatch.setattr(qloraga.loading, "load_model", forbidden)
     data = write_dataset(tmp_path / "d.jsonl", "prompt-completion")
     out = tmp_path / "out"

@@ -25,7 +25,7 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("weights loaded or data tokenized before the options were checked")
 
-    monkeypatch.setattr(recipe, "load_model", forbidden)
+    monkeypatch.setattr(recipe, "load_base", forbidden)
     monkeypatch.setattr(recipe, "tokenize", forbidden)
     monkeypatch.setattr(recipe.AutoTokenizer, "from_pretrained", forbidden)
 
@@ -50,10 +50,11 @@ def test_rank_too_large_for_the_smallest_target(tiny_model_dir, tmp_path, capsys
 def test_rank_fits_plain_lora_but_not_lora_ga(tiny_model_dir):
     model = tiny_model_dir("llama")  # hidden 64: LoRA-GA takes 2r directions, plain LoRA r
     config = causal_lm_config(model)
-    cfg = resolve({"model": model, "rank": 24})
+    cfg = resolve({"model": model, "rank": 24, "init": "lora-ga"})
     with pytest.raises(ConfigError, match=r"--rank / lora_ga\.r 24"):
         check_targets(cfg, config)
     check_targets(dataclasses.replace(cfg, init="lora"), config)
+    check_targets(dataclasses.replace(cfg, init="lora-one"), config)  # r directions, as plain LoRA
 
 
 def test_rank_zero_names_the_flag(tiny_model_dir, tmp_path, capsys, no_work):

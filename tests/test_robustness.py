@@ -198,7 +198,7 @@ def cli(model, data, out, *extra):
     argv = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--model", model, "--dataset", data,
             "--output-dir", str(out), "--4bit", "--rank", "4", "--batch-size", "2", "--grad-accum", "1",
             "--seq-len", "64", "--lr", "1e-3", "--logging-steps", "1", "--eval-samples", "2", "--max-steps", "12",
-            "--no-gradient-checkpointing", "--dtype", "float32", *extra]
+            "--no-gradient-checkpointing", "--dtype", "float32", "--init", "lora-ga", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 

@@ -191,6 +191,29 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def train_curve(model, optimizer, order: list[dict], task, lr: float, eval_every: int, *, autocast: bool = False,
+                eval_batch: int = 100) -> dict[str, list]:
+    """One step per batch of `order` (warmup + cosine from `lr`), the test split's loss and accuracy at step 0,
+    every `eval_every` steps and at the end."""
+    steps = len(order)
+    curve: dict[str, list] = {"step": [], "test_loss": [], "test_acc": [], "train_loss": []}
+
+    def record(step: int) -> None:
+        test_loss, test_acc = evaluate(model, task.test, task.pad_id, batch_size=eval_batch)
+        curve["step"].append(step)
+        curve["test_loss"].append(test_loss)
+        curve["test_acc"].append(test_acc)
+
+    record(0)
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        curve["train_loss"].append(common.train_step(model, optimizer, order[step - 1], autocast=autocast))
+        if step % eval_every == 0 or step == steps:
+            record(step)
+    return curve
+
+
 def train_run(task: Task, method: str, lr: float, seed: int, args) -> dict:
     """One run: the method's init on the seed's gradient batches, then `steps` AdamW steps, evaluated as it goes.
 
@@ -205,22 +228,7 @@ def train_run(task: Task, method: str, lr: float, seed: int, args) -> dict:
     model, params, autocast = build(method, task, grad_batches, args.r, getattr(torch, args.dtype),
                                     args.stable_gamma)
     init_s = time.perf_counter() - start
-    optimizer = common.make_optimizer(params, lr)
-    curve: dict[str, list] = {"step": [], "test_loss": [], "test_acc": [], "train_loss": []}
-
-    def record(step: int) -> None:
-        test_loss, test_acc = evaluate(model, task.test, task.pad_id)
-        curve["step"].append(step)
-        curve["test_loss"].append(test_loss)
-        curve["test_acc"].append(test_acc)
-
-    record(0)
-    for step in range(1, args.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, lr)
-        curve["train_loss"].append(common.train_step(model, optimizer, order[step - 1], autocast=autocast))
-        if step % args.eval_every == 0 or step == args.steps:
-            record(step)
+    curve = train_curve(model, common.make_optimizer(params, lr), order, task, lr, args.eval_every, autocast=autocast)
     val_loss, val_acc = evaluate(model, task.val, task.pad_id)
     print(f"{task.name}: {method}, lr {lr:g}, seed {seed}: test loss {curve['test_loss'][-1]:.4f}, accuracy "
           f"{curve['test_acc'][-1]:.2f}, val loss {val_loss:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
@@ -240,9 +248,10 @@ def mean_curve(runs: list[dict], key: str) -> list[float]:
     return [sum(r[key][i] for r in runs) / len(runs) for i in range(len(runs[0][key]))]
 
 
-def summarize(task: str, chosen: dict[str, float], runs: dict[str, list[dict]], steps: int) -> list[dict]:
-    """Per method: final test loss and accuracy (mean, min, max over seeds), steps to plain LoRA's final loss."""
-    target = mean_curve(runs[PLAIN], "test_loss")[-1]
+def summarize(task: str, chosen: dict[str, float], runs: dict[str, list[dict]], steps: int,
+              plain: str = PLAIN) -> list[dict]:
+    """Per method: final test loss and accuracy (mean, min, max over seeds), steps to `plain`'s final loss."""
+    target = mean_curve(runs[plain], "test_loss")[-1] if plain in runs else float("nan")
     rows = []
     for method, method_runs in runs.items():
         curve = mean_curve(method_runs, "test_loss")
@@ -258,10 +267,10 @@ def summarize(task: str, chosen: dict[str, float], runs: dict[str, list[dict]], 
     return rows
 
 
-def draw_curves(fig, results: dict[str, dict]) -> None:
+def draw_curves(fig, results: dict[str, dict], plain: str = PLAIN, title: str = "task: {}") -> None:
+    """Mean test-loss curve of each method (band: min to max over seeds), one panel per task."""
     axes = fig.subplots(1, len(results), squeeze=False)[0]
     for ax, (task, res) in zip(axes, results.items(), strict=True):
-        target = mean_curve(res["runs"][PLAIN], "test_loss")[-1]
         for method, method_runs in res["runs"].items():
             steps = method_runs[0]["step"]
             curve = mean_curve(method_runs, "test_loss")
@@ -269,8 +278,10 @@ def draw_curves(fig, results: dict[str, dict]) -> None:
             hi = [max(r["test_loss"][i] for r in method_runs) for i in range(len(steps))]
             (line,) = ax.plot(steps, curve, label=f"{method} (lr {res['chosen'][method]:g})", lw=1.4)
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.axhline(target, color="gray", ls=":", lw=1, label="plain LoRA's final loss")
-        ax.set(yscale="log", xlabel="step", ylabel="held-out (test) loss", title=f"task: {task}")
+        if plain in res["runs"]:
+            target = mean_curve(res["runs"][plain], "test_loss")[-1]
+            ax.axhline(target, color="gray", ls=":", lw=1, label=f"{plain}: final loss")
+        ax.set(yscale="log", xlabel="step", ylabel="held-out (test) loss", title=title.format(task))
         ax.legend(fontsize=6)
 
 

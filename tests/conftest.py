@@ -62,6 +62,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
+def byte_level_bpe(corpus: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    """A GPT-2 style byte-level BPE (what llama.cpp calls tokenizer model "gpt2") trained on `corpus`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
 def save_tiny(family: str, path, seed: int = 0, **overrides) -> str:
     """A tiny random model of `family` (bf16) and a tiny tokenizer, saved as a model folder."""
     config = FAMILIES[family]()

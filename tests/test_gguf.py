@@ -9,11 +9,12 @@ import json
 import os
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
 from conftest import COMMON
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 import qloraga
@@ -29,15 +30,10 @@ SENTENCE = "<|im_start|>user\nThe answer: 12 plus 7 is 19, isn't it? Ünïcode c
 
 
 def byte_level_bpe() -> Tokenizer:
-    """A GPT-2 style byte-level BPE (what llama.cpp calls tokenizer model "gpt2"), trained on a few sentences."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    """The test GGUF's tokenizer, trained on a few sentences."""
     corpus = [f"{a} plus {b} is {a + b}. The answer: {a * b}! user assistant system"
               for a in range(20) for b in range(20)]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
+    return conftest.byte_level_bpe(corpus, VOCAB, SPECIALS)
 
 
 def llama_permute(weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FAMILIES, make_batches
+from conftest import FAMILIES, byte_level_bpe, make_batches
 from peft import PeftModel
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import PreTrainedTokenizerFast
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
@@ -40,14 +40,9 @@ LOGIT_TOL = 2e-2
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """A GPT-2 style byte-level BPE (ByteLevel pre-tokenizer and decoder) trained on a small corpus."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = [f"The answer: {a} plus {b} is {a + b}. Tom has {a} apples and buys {b} more! café ünïcode (x) = [y]"
               for a in range(30) for b in range(30)]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
+    tok = byte_level_bpe(corpus, VOCAB - 8, SPECIALS)
     out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>", unk_token=None)
     out.chat_template = CHATML

@@ -8,7 +8,7 @@ import pickle
 import sys
 from typing import Any
 
-from qloraga.config import INITS, LORA_GA_FLAGS, RunConfig, gib_or_auto, merge_settings
+from qloraga.config import INITS, LORA_GA_FLAGS, REPORT_TO, RunConfig, gib_or_auto, merge_settings
 from qloraga.presets import (
     SAFE_DEFAULTS,
     available_presets,
@@ -66,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, help="sequences per device batch")
     add("--grad-accum", type=int, help="batches accumulated per optimizer step")
     add("--seq-len", type=int, help="maximum tokens per sequence (longer samples are truncated)")
-    add("--packing", action="store_true", help="pack several samples into each sequence")
+    add("--packing", action="store_true", help="join several samples into each sequence (each still attends "
+                                               "only to itself)")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations")
     add("--optim", help="optimizer: scaled_adamw or scaled_sgd (Riemannian-preconditioned LoRA factors), or a "
                         "transformers name (auto: paged 8-bit AdamW on GPU, AdamW on CPU)")
@@ -76,7 +77,12 @@ def parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     add("--seed", type=int, help="random seed of data order, dropout and init")
     add("--eval-split", type=float, help="fraction of --dataset held out when no --eval-dataset is given")
-    add("--eval-samples", type=int, help="held-out samples scored by exact match")
+    add("--eval-steps", type=int, help="held-out loss every N optimizer steps during training (0: only before "
+                                       "and after)")
+    add("--eval-samples", type=int, help="held-out samples scored by exact match before and after training, on "
+                                         "short-answer prompt-completion/alpaca data (0: off)")
+    add("--report-to", choices=list(REPORT_TO), help="where the Trainer also logs: tensorboard, wandb, none (auto: "
+                                                     "tensorboard if installed); metrics.jsonl is always written")
     add("--merge", action="store_true", help="also write a merged bf16 model")
     add("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
     add("--dry-run", action="store_true", help="print the resolved configuration, data statistics, two rendered "

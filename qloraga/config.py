@@ -17,6 +17,7 @@ METHODS = ("lora-ga", "lora-one")  # gradient-aligned inits the library computes
 INITS = (*METHODS, "lora")  # what a run can start from (lora: PEFT's plain B = 0)
 SCALED_OPTIMIZERS = ("scaled_adamw", "scaled_sgd")  # Riemannian-preconditioned (qloraga/optim.py)
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+REPORT_TO = ("auto", "none", "tensorboard", "wandb")  # auto: tensorboard where it is installed, else none
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # The embedded demo (`model: demo`, `dataset: demo`): a tiny self-trained Llama and its word problems.
@@ -226,14 +227,17 @@ class RunConfig:
     overwrite: bool = False
     seed: int = 42
     eval_split: float = 0.05
-    eval_samples: int = 200
+    eval_steps: int = 200  # held-out loss every N optimizer steps during training (0: only before and after)
+    eval_samples: int = 200  # exact-match generations before and after (short-answer data only; 0: none)
+    report_to: str = "auto"
     merge: bool = False
     chat_template: str | None = None
     trust_remote_code: bool = False
     lora_ga: QLoraGAConfig = field(default_factory=QLoraGAConfig)
 
     def validate(self) -> RunConfig:
-        for name, valid in [("init", INITS), ("quant_storage", list(QUANT_STORAGE)), ("dtype", list(COMPUTE_DTYPES))]:
+        for name, valid in [("init", INITS), ("quant_storage", list(QUANT_STORAGE)), ("dtype", list(COMPUTE_DTYPES)),
+                            ("report_to", REPORT_TO)]:
             check_choice(option(name), getattr(self, name), valid)
         for name in ("ga_batches", "batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
@@ -246,8 +250,9 @@ class RunConfig:
             raise ConfigError(f"{option('eval_split')} must be between 0 and 1, got {self.eval_split}.")
         if not self.precond_eps > 0:
             raise ConfigError(f"{option('precond_eps')} must be positive, got {self.precond_eps}.")
-        if self.eval_samples < 0:
-            raise ConfigError(f"{option('eval_samples')} must be 0 or more, got {self.eval_samples}.")
+        for name in ("eval_samples", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{option(name)} must be 0 or more, got {getattr(self, name)}.")
         self.lora_ga.validate()
         return self
 

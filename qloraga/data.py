@@ -18,7 +18,7 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,7 @@ def uses_bos(tokenizer, fmt: str) -> bool:
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # packed rows only (`pack`): positions restart at each sample
 
 
 @dataclass
@@ -266,36 +267,54 @@ def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer, seq_len: in
 
 
 def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
-    """Concatenate whole examples into sequences of at most `seq_len` tokens (first fit, in order)."""
-    packed: list[Example] = []
-    current = Example([], [])
+    """Concatenate whole examples into rows of at most `seq_len` tokens (first fit, in order).
+
+    Each row carries position ids that restart at 0 for every sample. Given those and no attention mask,
+    transformers builds a block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`), so a
+    packed sample sees only itself at the positions it has unpacked. The label of each sample's first token
+    is masked: unpacked, nothing predicts it; packed, the previous sample's last token would."""
+    rows: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
     for ex in examples:
-        if current.input_ids and len(current.input_ids) + len(ex.input_ids) > seq_len:
-            packed.append(current)
-            current = Example([], [])
-        current = Example(current.input_ids + ex.input_ids, current.labels + ex.labels)
-    if current.input_ids:
-        packed.append(current)
-    return packed
+        if ids and len(ids) + len(ex.input_ids) > seq_len:
+            rows.append(Example(ids, labels, positions))
+            ids, labels, positions = [], [], []
+        ids = [*ids, *ex.input_ids]
+        labels = [*labels, IGNORE, *ex.labels[1:]]
+        positions = [*positions, *range(len(ex.input_ids))]
+    if ids:
+        rows.append(Example(ids, labels, positions))
+    return rows
 
 
 class Collator:
-    """Right-pads a list of examples (dicts or `Example`) into `input_ids`, `attention_mask`, `labels`."""
+    """Right-pads a list of examples (dicts or `Example`) into `input_ids`, `attention_mask`, `labels`.
+
+    Packed rows (with `position_ids`) get `position_ids` instead of an attention mask: the padding is one
+    more sample (positions from 0, labels masked) that no real token attends to."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: Sequence[Any]) -> dict[str, torch.Tensor]:
-        rows = [f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels} for f in features]
+        rows = [f if isinstance(f, dict) else asdict(f) for f in features]
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
+            if r.get("position_ids"):
+                positions[i, :n] = torch.tensor(r["position_ids"])
+                positions[i, n:] = torch.arange(width - n)
+        if any(r.get("position_ids") for r in rows):
+            return {"input_ids": ids, "position_ids": positions, "labels": labels}
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

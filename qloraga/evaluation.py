@@ -38,16 +38,30 @@ def encode_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
     return ids
 
 
+SHORT_ANSWER_FORMATS = ("prompt-completion", "alpaca")
+SHORT_ANSWER_TOKENS = 32  # longer answers (prose, chat turns) have no single right text to match
+
+
+def scored_pairs(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
+                 max_samples: int) -> list[tuple[list[int], str]]:
+    """(prompt ids, expected answer) of the records exact match can score: none for text and chat data, and none
+    when any answer is longer than SHORT_ANSWER_TOKENS (generating that long per record is a long wait for a
+    score that means nothing)."""
+    record_fmt = resolve_format(records, fmt)
+    if max_samples == 0 or record_fmt not in SHORT_ANSWER_FORMATS:
+        return []
+    pairs = [(encode_prompt(tokenizer, prompt, record_fmt), answer.strip())
+             for prompt, answer in (prompt_and_answer(r, record_fmt, tokenizer) for r in records[:max_samples])]
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs]
+    return pairs if lengths and max(lengths) <= SHORT_ANSWER_TOKENS else []
+
+
 @torch.no_grad()
 def exact_match(model: nn.Module, tokenizer, records: Sequence[dict[str, Any]], fmt: str, *,
                 max_samples: int = 200, batch_size: int = 16, progress: bool = True) -> float | None:
-    """Share of records whose greedy answer, stripped, equals the expected answer; None for raw text."""
-    pairs = []
-    record_fmt = resolve_format(records, fmt)
-    for record in records[:max_samples]:
-        pair = prompt_and_answer(record, record_fmt, tokenizer)
-        if pair is not None:
-            pairs.append((encode_prompt(tokenizer, pair[0], record_fmt), pair[1].strip()))
+    """Share of records whose greedy answer, stripped, equals the expected answer; None where that means nothing
+    (see `scored_pairs`) or `max_samples` is 0."""
+    pairs = scored_pairs(records, fmt, tokenizer, max_samples)
     if not pairs:
         return None
     max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs) + 2

@@ -9,6 +9,7 @@ the work happens (`get_qloraga_model`, `tokenize`), for library users.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,7 @@ def check_records(records: list[dict[str, Any]], fmt: str, source: str, flag: st
 
 def check_run(cfg: RunConfig) -> Checked:
     """Every check that needs no weights and no tokenizer; raises a ConfigError or DataError naming the setting."""
+    check_report_to(cfg)
     config = causal_lm_config(cfg.model, cfg.trust_remote_code)
     check_targets(cfg, config)
     check_splits(cfg)
@@ -84,6 +86,13 @@ def check_run(cfg: RunConfig) -> Checked:
         check_records(eval_records, cfg.dataset_format, source, "--eval-dataset" if cfg.eval_dataset else "--dataset")
         return Checked(config, records, eval_records)
     return Checked(config, *split(records, cfg.eval_split, cfg.seed))
+
+
+def check_report_to(cfg: RunConfig) -> None:
+    """A logger asked for by name is installed (transformers would only fail once the model is loaded)."""
+    if cfg.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(cfg.report_to) is None:
+        raise ConfigError(f"{option('report_to')} {cfg.report_to}: the {cfg.report_to} package is not installed. "
+                          f"Install it (pip install {cfg.report_to}) or choose none.")
 
 
 def check_splits(cfg: RunConfig) -> None:

@@ -16,7 +16,7 @@ from qloraga import distributed
 from qloraga.adapters import get_lora_model, get_qloraga_model
 from qloraga.config import DEMO_DIR, DEMO_EVAL, DEMO_MODEL, DEMO_TRAIN, RunConfig  # noqa: F401 (DEMO_DIR: API)
 from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, tokenize
-from qloraga.evaluation import exact_match, held_out_loss
+from qloraga.evaluation import SHORT_ANSWER_FORMATS, SHORT_ANSWER_TOKENS, exact_match, held_out_loss
 from qloraga.export import export_adapter, export_merged
 from qloraga.io import save_json, save_text
 from qloraga.loading import load_base, model_source
@@ -111,6 +111,9 @@ def finetune(cfg: RunConfig) -> Path:
     if main:
         before = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
         say(f"before fine-tuning: {describe(before)}")
+        if before["accuracy"] is None and cfg.eval_samples:
+            say(f"note: no exact-match score; it is computed on {'/'.join(SHORT_ANSWER_FORMATS)} data whose answers "
+                f"are at most {SHORT_ANSWER_TOKENS} tokens")
 
     # Adapters: LoRA-GA or LoRA-One (gradient estimated on the first training batches), or plain LoRA.
     if cfg.init != "lora":
@@ -125,7 +128,7 @@ def finetune(cfg: RunConfig) -> Path:
         say("plain LoRA init (B=0)")
 
     # Training.
-    trainer = build_trainer(model, train_examples, collator, cfg, out)
+    trainer = build_trainer(model, train_examples, collator, cfg, out, eval_examples)  # every rank: eval is sharded
     resume_from = last_checkpoint(out) if cfg.resume else None
     if cfg.resume:
         say(f"resuming from {resume_from}" if resume_from else "no checkpoint yet: training from the start")

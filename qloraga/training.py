@@ -6,6 +6,7 @@ import importlib.util
 import json
 import signal
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -98,7 +99,15 @@ def resolve_optim(name: str) -> str:
     return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
 
 
-def training_arguments(cfg: RunConfig, checkpoint_dir: Path) -> TrainingArguments:
+def resolve_report_to(name: str) -> str:
+    """transformers' `report_to`: auto is tensorboard where it is installed (preflight checks the others)."""
+    if name == "auto":
+        return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    return name
+
+
+def training_arguments(cfg: RunConfig, checkpoint_dir: Path, evaluating: bool = False) -> TrainingArguments:
+    """`evaluating`: held-out loss every `cfg.eval_steps` steps (there is a held-out set and eval_steps > 0)."""
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -120,24 +129,38 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path) -> TrainingArgument
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
+        # Trainer sets the model's config.use_cache to this: no KV cache in training, which packed rows need
+        # (transformers builds their per-sample mask from the position ids only when there is no cache).
+        use_cache=False,
         label_names=["labels"],
-        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
+        report_to=resolve_report_to(cfg.report_to),
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=cfg.eval_steps if evaluating else None,
+        per_device_eval_batch_size=cfg.batch_size * 2,
+        prediction_loss_only=True,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
 
 
+def dataset(examples: list[Example]) -> datasets.Dataset:
+    """The examples as rows the `Collator` reads back (packed rows keep their position ids)."""
+    return datasets.Dataset.from_list([{k: v for k, v in asdict(e).items() if v is not None} for e in examples])
+
+
 def build_trainer(model: nn.Module, examples: list[Example], collator: Collator, cfg: RunConfig,
-                  out_dir: Path) -> Trainer:
-    train_set = datasets.Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+                  out_dir: Path, eval_examples: list[Example] | None = None) -> Trainer:
+    """The recipe's Trainer; with `eval_examples` (and `cfg.eval_steps` > 0) it logs their loss during training."""
+    evaluating = bool(eval_examples) and cfg.eval_steps > 0
     optimizer = (scaled_optimizer(model, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
                                   precond_eps=cfg.precond_eps) if cfg.optim in SCALED_OPTIMIZERS else None)
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, out_dir / "checkpoints"),
+        args=training_arguments(cfg, out_dir / "checkpoints", evaluating),
         optimizers=(optimizer, None),  # None: Trainer builds it (and always the learning-rate schedule)
-        train_dataset=train_set,
+        train_dataset=dataset(examples),
+        eval_dataset=dataset(eval_examples) if evaluating else None,
         data_collator=collator,
         callbacks=[MetricsLog(out_dir / "metrics.jsonl"), StopOnNonFiniteLoss(), GracefulInterrupt()],
     )
@@ -161,7 +184,8 @@ def last_checkpoint(out_dir: Path) -> str | None:
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> bool:
-    """Training loss against step, as a PNG; False (and nothing written) when matplotlib is missing."""
+    """Training loss, and held-out loss where it was evaluated, against step, as a PNG; False (and nothing
+    written) when matplotlib is missing or nothing was logged."""
     if importlib.util.find_spec("matplotlib") is None or not metrics_path.exists():
         return False
     import matplotlib
@@ -170,13 +194,17 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     rows = [r for line in metrics_path.read_text().splitlines() if (r := parse_line(line)) is not None]
-    points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    if not points:
+    series = {label: [(r["step"], r[key]) for r in rows if key in r]
+              for key, label in (("loss", "training loss"), ("eval_loss", "held-out loss"))}
+    if not series["training loss"]:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*points, strict=True), marker=".")
+    for label, points in series.items():
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".", label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_file(png_path) as tmp:

@@ -1,0 +1,99 @@
+"""--packing: samples joined into one row see only themselves, so each keeps the loss it has unpacked."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from qloraga import QLoraGAConfig
+from qloraga.adapters import get_lora_model
+from qloraga.config import RunConfig
+from qloraga.data import IGNORE, Collator, Example, pack
+from qloraga.training import build_trainer, parse_line
+
+SEQ_LEN = 48
+
+
+def samples(n: int = 9, seed: int = 0) -> list[Example]:
+    """Token rows of 4-20 tokens; the first few labels of each masked, like a prompt."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(1, VOCAB) for _ in range(rng.randint(4, 20))]
+        prompt = rng.randint(1, len(ids) - 2)
+        out.append(Example(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each token's cross-entropy against the next label (0 where masked), shape (batch, width - 1)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits.float()  # as in training: no cache (training_arguments)
+    labels = batch["labels"][:, 1:]
+    loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return loss * (labels != IGNORE)
+
+
+def packed_sample_losses(model: nn.Module, rows: list[Example], batch: dict[str, torch.Tensor]) -> list[float]:
+    """Summed loss of every sample of a packed batch, cut at the positions where position ids restart."""
+    losses = token_losses(model, batch)
+    out = []
+    for i, row in enumerate(rows):
+        starts = [j for j, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
+        out += [losses[i, a:b - 1].sum().item() for a, b in itertools.pairwise(starts)]
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_per_sample_losses_equal_unpacked(tiny_model_dir, family):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(family), dtype=torch.float32).eval()
+    examples, collate = samples(), Collator(pad_token_id=0)
+    rows = pack(examples, SEQ_LEN)
+    assert 1 < len(rows) < len(examples)  # several samples per row, several rows (so some are padded)
+    assert [t for r in rows for t in r.input_ids] == [t for e in examples for t in e.input_ids]  # order kept
+    with torch.no_grad():
+        unpacked = [token_losses(model, collate([e])).sum().item() for e in examples]
+        packed = packed_sample_losses(model, rows, collate(rows))
+        # The same rows with one plain attention mask (packing as it was): samples see their neighbours.
+        leaky = collate([Example(r.input_ids, r.labels) for r in rows])
+        leaked = packed_sample_losses(model, rows, leaky)
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(unpacked), rtol=1e-5, atol=1e-5)
+    assert max(abs(a - b) for a, b in zip(leaked, unpacked, strict=True)) > 1e-3  # the test can tell
+
+
+def test_collated_packed_rows_restart_positions_and_pad_as_their_own_sample():
+    rows = pack(samples(), SEQ_LEN)
+    batch = Collator(pad_token_id=0)(rows)
+    assert set(batch) == {"input_ids", "position_ids", "labels"}  # no attention mask: it would join the samples
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        assert batch["position_ids"][i, :n].tolist() == row.position_ids
+        assert batch["position_ids"][i, n:].tolist() == list(range(batch["input_ids"].shape[1] - n))
+        assert (batch["labels"][i, n:] == IGNORE).all()
+    starts = sum(1 for r in rows for p in r.position_ids if p == 0)
+    assert starts == len(samples())
+
+
+def test_trainer_step_on_packed_rows_has_the_unpacked_loss(tiny_model_dir, tmp_path):
+    """Through the recipe's Trainer (build_trainer): the first logged loss of one batch holding every packed row
+    is the token mean of the samples' unpacked losses (the adapters start at B = 0, so the model is the base)."""
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    examples, collate = samples(), Collator(pad_token_id=0)
+    rows = pack(examples, SEQ_LEN)
+    with torch.no_grad():
+        unpacked = sum(token_losses(base, collate([e])).sum().item() for e in examples)
+    tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
+    model = get_lora_model(base, QLoraGAConfig(r=2, adapter_dtype="float32"))
+    cfg = RunConfig(batch_size=len(rows), grad_accum=1, max_steps=1, logging_steps=1, lr=1e-3, packing=True,
+                    gradient_checkpointing=False, report_to="none", dtype="float32")
+    build_trainer(model, rows, collate, cfg, tmp_path).train()
+    records = [parse_line(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in records if r and "loss" in r]
+    assert logged[0] == pytest.approx(unpacked / tokens, rel=1e-4)

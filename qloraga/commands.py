@@ -13,7 +13,7 @@ import sys
 COMMANDS = {
     "finetune": ("qloraga.cli", "fine-tune a causal LM with LoRA-GA adapters (no argument: the embedded demo)"),
     "evaluate": ("qloraga.evaluate_cli", "held-out loss and exact match of a base model or a base + adapter"),
-    "export": ("qloraga.export_cli", "merge a finished run's adapter into a standalone model"),
+    "export": ("qloraga.export_cli", "a run as a merged model, or GGUF files for llama.cpp / Ollama (--format gguf)"),
     "chat": ("qloraga.chat", "talk to a finished run's model in the terminal"),
 }
 

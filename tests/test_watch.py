@@ -1,4 +1,5 @@
-"""Training you can watch: held-out loss during training, loggers, and exact match only where it means something."""
+"""Training you can watch: held-out loss during training, loggers, exact match only where it means something,
+and a README that documents every flag."""
 
 from __future__ import annotations
 
@@ -77,3 +78,13 @@ def test_exact_match_scores_short_prompt_completion_answers_only():
     for records in (long, chat, text):
         assert scored_pairs(records, "auto", tok, 200) == []
     assert scored_pairs(short, "auto", tok, 0) == []
+
+
+def test_readme_documents_every_finetune_flag():
+    from pathlib import Path
+
+    from qloraga.cli import parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    flags = {s for action in parser()._actions for s in action.option_strings if s.startswith("--")} - {"--help"}
+    assert sorted(f for f in flags if f"`{f}" not in readme) == []

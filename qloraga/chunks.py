@@ -33,9 +33,14 @@ class Budget:
 
     def describe(self, chunks: int) -> str:
         if self.source == "init_memory_gb":
-            return f"budget {self.gb:.2f} GB (init_memory_gb), {chunks} chunk(s)"
-        return (f"budget auto: {self.gb:.2f} GB ({self.source}; step {self.step_gb:.2f} GB, free "
-                f"{self.free_gb:.1f} GB), {chunks} chunk(s)")
+            return f"budget {size(self.gb)} (init_memory_gb), {chunks} chunk(s)"
+        return (f"budget auto: {size(self.gb)} ({self.source}; step {size(self.step_gb)}, free "
+                f"{size(self.free_gb)}), {chunks} chunk(s)")
+
+
+def size(gib: float) -> str:
+    """GiB as a person reads it: MiB below one GiB (a tiny model's budget is not "0.00 GB")."""
+    return f"{gib * 1024:.1f} MiB" if gib < 1 else f"{gib:.2f} GiB"
 
 
 def adapter_params(targets: dict[str, nn.Linear], r: int) -> int:

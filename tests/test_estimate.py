@@ -119,10 +119,10 @@ def test_auto_budget_is_the_default_and_the_summary_says_it(tiny_model_dir, monk
     monkeypatch.setattr(chunks, "free_memory_bytes", lambda device: 0)  # no room: one block per chunk
     _, report = lora_ga_init(model, find_target_layers(model), make_batches(), QLoraGAConfig(r=4, progress=False))
     assert report.chunks == 2
-    assert "budget auto: 0.00 GB (free memory" in report.summary() and report.summary().endswith("2 chunk(s)")
+    assert "budget auto: 0.0 MiB (free memory" in report.summary() and report.summary().endswith("2 chunk(s)")
     _, fixed = lora_ga_init(model, find_target_layers(model), make_batches(),
                             QLoraGAConfig(r=4, init_memory_gb=4, progress=False))
-    assert fixed.chunks == 1 and "budget 4.00 GB (init_memory_gb), 1 chunk(s)" in fixed.summary()
+    assert fixed.chunks == 1 and "budget 4.00 GiB (init_memory_gb), 1 chunk(s)" in fixed.summary()
 
 
 def test_init_memory_gb_takes_a_number_or_auto():

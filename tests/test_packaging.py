@@ -76,3 +76,16 @@ def test_installed_command_and_subcommands(installed, tmp_path):
     assert legacy.returncode == 0 and "--rank" in legacy.stdout, legacy.stderr
     unknown = run(target, tmp_path, str(command), "train")
     assert unknown.returncode == 2 and "unknown command 'train'" in unknown.stderr
+
+
+def test_installed_copy_runs_the_demo(installed, tmp_path):
+    """The main job on the embedded default, from the wheel alone (a short run: two steps)."""
+    _, target = installed
+    out = tmp_path / "run"
+    result = run(target, tmp_path, str(target / "bin" / "qloraga"), "finetune", "--4bit", "--max-steps", "2",
+                 "--ga-batches", "2", "--eval-samples", "4", "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "LoRA-GA init:" in result.stdout and "after fine-tuning" in result.stdout
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert str(target.resolve()) in json.loads((out / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]  # the demo model shipped in the installed package

@@ -272,7 +272,10 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
     Each row carries position ids that restart at 0 for every sample. Given those and no attention mask,
     transformers builds a block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`), so a
     packed sample sees only itself at the positions it has unpacked. The label of each sample's first token
-    is masked: unpacked, nothing predicts it; packed, the previous sample's last token would."""
+    is masked: unpacked, nothing predicts it; packed, the previous sample's last token would. A forward pass on
+    packed rows must not use a KV cache (`use_cache=False`, as the Trainer and our evaluation do): with one,
+    transformers skips the per-sample mask. Only families whose mask reads the position ids keep the samples
+    apart (`preflight.check_packing`)."""
     rows: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
@@ -300,6 +303,9 @@ class Collator:
 
     def __call__(self, features: Sequence[Any]) -> dict[str, torch.Tensor]:
         rows = [f if isinstance(f, dict) else asdict(f) for f in features]
+        packed = [bool(r.get("position_ids")) for r in rows]
+        if any(packed) and not all(packed):
+            raise ValueError("A batch mixes packed rows (with position_ids) and plain ones: pack all or none.")
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -313,7 +319,7 @@ class Collator:
             if r.get("position_ids"):
                 positions[i, :n] = torch.tensor(r["position_ids"])
                 positions[i, n:] = torch.arange(width - n)
-        if any(r.get("position_ids") for r in rows):
+        if all(packed):
             return {"input_ids": ids, "position_ids": positions, "labels": labels}
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

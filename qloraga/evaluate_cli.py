@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset-format", help="auto (default), alpaca, messages, prompt-completion or text")
     p.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="load the base in 4-bit NF4")
     p.add_argument("--seq-len", type=int, help="maximum tokens per sample (default: the run's, or 1024)")
-    p.add_argument("--eval-samples", type=int, default=200, help="samples scored by exact match")
+    p.add_argument("--eval-samples", type=int, default=200,
+                   help="samples scored by exact match (prompt-completion/alpaca data with answers of at most 32 "
+                        "tokens; other data gets the loss alone)")
     args = p.parse_args(argv)
     if args.run and (args.model or args.adapter or args.load_in_4bit):
         p.error("--run loads the run's base and adapter: drop --model, --adapter and --4bit")

@@ -21,7 +21,8 @@ def held_out_loss(model: nn.Module, examples: Sequence[Example], collator: Colla
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collator(examples[i:i + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # packed rows: position ids, no mask
+        logits = model(**inputs, use_cache=False).logits.float()  # no cache: packed rows need none (data.pack)
         labels = batch["labels"][:, 1:]
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                            ignore_index=IGNORE, reduction="sum")

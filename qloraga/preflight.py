@@ -20,6 +20,7 @@ from qloraga.adapters import check_target_rank
 from qloraga.config import ConfigError, RunConfig, option
 from qloraga.data import DataError, check_record, is_local, read_records, resolve_format, split
 from qloraga.loading import causal_lm_config
+from qloraga.presets import MODEL_TYPE_PRESETS
 from qloraga.targets import find_target_layers
 
 
@@ -76,6 +77,7 @@ def check_run(cfg: RunConfig) -> Checked:
     """Every check that needs no weights and no tokenizer; raises a ConfigError or DataError naming the setting."""
     check_report_to(cfg)
     config = causal_lm_config(cfg.model, cfg.trust_remote_code)
+    check_packing(cfg, config)
     check_targets(cfg, config)
     check_splits(cfg)
     records = read_records(cfg.dataset, cfg.dataset_split)
@@ -88,9 +90,22 @@ def check_run(cfg: RunConfig) -> Checked:
     return Checked(config, *split(records, cfg.eval_split, cfg.seed))
 
 
+def check_packing(cfg: RunConfig, config: PretrainedConfig) -> None:
+    """Packed samples stay apart only where the model builds its mask from the position ids (transformers'
+    `masking_utils`): the families with a preset, each tested in tests/test_packing.py. Others (Falcon, Bloom,
+    MPT, remote code) would let the samples of a row attend to each other, silently."""
+    custom = cfg.trust_remote_code and getattr(config, "auto_map", None)
+    if cfg.packing and (config.model_type not in MODEL_TYPE_PRESETS or custom):
+        kind = "remote code" if custom else f"model_type {config.model_type!r}"
+        raise ConfigError(f"{option('packing')}: this model ({kind}) is not known to keep packed samples apart, so "
+                          f"they would attend to each other. Drop --packing, or use a family with a preset "
+                          f"({', '.join(sorted(MODEL_TYPE_PRESETS))}).")
+
+
 def check_report_to(cfg: RunConfig) -> None:
     """A logger asked for by name is installed (transformers would only fail once the model is loaded)."""
-    if cfg.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(cfg.report_to) is None:
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(cfg.report_to, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
         raise ConfigError(f"{option('report_to')} {cfg.report_to}: the {cfg.report_to} package is not installed. "
                           f"Install it (pip install {cfg.report_to}) or choose none.")
 

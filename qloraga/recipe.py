@@ -22,7 +22,14 @@ from qloraga.io import save_json, save_text
 from qloraga.loading import load_base, model_source
 from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.preflight import check_run
-from qloraga.training import GracefulInterrupt, StopOnNonFiniteLoss, build_trainer, last_checkpoint, plot_loss
+from qloraga.training import (
+    GracefulInterrupt,
+    StopOnNonFiniteLoss,
+    build_trainer,
+    finish_loggers,
+    last_checkpoint,
+    plot_loss,
+)
 
 
 def say(message: str) -> None:
@@ -133,6 +140,7 @@ def finetune(cfg: RunConfig) -> Path:
     if cfg.resume:
         say(f"resuming from {resume_from}" if resume_from else "no checkpoint yet: training from the start")
     trainer.train(resume_from_checkpoint=resume_from)
+    finish_loggers(cfg.report_to)
     nan_guard = trainer.pop_callback(StopOnNonFiniteLoss)
     if nan_guard.bad_step is not None:
         raise FloatingPointError(f"The weights became NaN/inf at step {nan_guard.bad_step}; training stopped. The "

@@ -19,6 +19,9 @@ from qloraga.data import Collator, Example
 from qloraga.io import atomic_file
 from qloraga.optim import scaled_optimizer
 
+# Held-out examples evaluated every `eval_steps` (the full held-out set is scored before and after training).
+EVAL_DURING_TRAINING = 500
+
 
 def parse_line(line: str) -> dict | None:
     """A metrics record, or None for a blank line or one cut short by a crash."""
@@ -136,12 +139,20 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, evaluating: bool = 
         report_to=resolve_report_to(cfg.report_to),
         eval_strategy="steps" if evaluating else "no",
         eval_steps=cfg.eval_steps if evaluating else None,
-        per_device_eval_batch_size=cfg.batch_size * 2,
+        per_device_eval_batch_size=cfg.batch_size,  # beside the training state: no larger than a training batch
         prediction_loss_only=True,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+
+
+def finish_loggers(report_to: str) -> None:
+    """End the wandb run: transformers leaves it open, and a second run in the same process would log into it."""
+    if resolve_report_to(report_to) == "wandb":
+        import wandb
+
+        wandb.finish()
 
 
 def dataset(examples: list[Example]) -> datasets.Dataset:
@@ -160,7 +171,7 @@ def build_trainer(model: nn.Module, examples: list[Example], collator: Collator,
         args=training_arguments(cfg, out_dir / "checkpoints", evaluating),
         optimizers=(optimizer, None),  # None: Trainer builds it (and always the learning-rate schedule)
         train_dataset=dataset(examples),
-        eval_dataset=dataset(eval_examples) if evaluating else None,
+        eval_dataset=dataset(eval_examples[:EVAL_DURING_TRAINING]) if evaluating else None,
         data_collator=collator,
         callbacks=[MetricsLog(out_dir / "metrics.jsonl"), StopOnNonFiniteLoss(), GracefulInterrupt()],
     )

@@ -15,6 +15,7 @@ from qloraga import QLoraGAConfig
 from qloraga.adapters import get_lora_model
 from qloraga.config import RunConfig
 from qloraga.data import IGNORE, Collator, Example, pack
+from qloraga.evaluation import held_out_loss
 from qloraga.training import build_trainer, parse_line
 
 SEQ_LEN = 48
@@ -80,10 +81,19 @@ def test_collated_packed_rows_restart_positions_and_pad_as_their_own_sample():
     assert starts == len(samples())
 
 
+def first_logged_loss(model: nn.Module, rows: list[Example], out) -> float:
+    """The loss the recipe's Trainer logs at step 1, with every row in one batch."""
+    cfg = RunConfig(batch_size=len(rows), grad_accum=1, max_steps=1, logging_steps=1, lr=1e-3, packing=True,
+                    gradient_checkpointing=False, report_to="none", dtype="float32")
+    build_trainer(model, rows, Collator(pad_token_id=0), cfg, out).train()
+    records = [parse_line(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(r["loss"] for r in records if r and "loss" in r)
+
+
 def test_trainer_step_on_packed_rows_has_the_unpacked_loss(tiny_model_dir, tmp_path):
     """Through the recipe's Trainer (build_trainer): the first logged loss of one batch holding every packed row
-    is the token mean of the samples' unpacked losses (the adapters start at B = 0, so the model is the base)."""
-
+    is the token mean of the samples' unpacked losses (plain LoRA starts at B = 0, so the model is the base);
+    the same rows with one plain attention mask (packing as it was) log another loss."""
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
     examples, collate = samples(), Collator(pad_token_id=0)
     rows = pack(examples, SEQ_LEN)
@@ -91,9 +101,40 @@ def test_trainer_step_on_packed_rows_has_the_unpacked_loss(tiny_model_dir, tmp_p
         unpacked = sum(token_losses(base, collate([e])).sum().item() for e in examples)
     tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
     model = get_lora_model(base, QLoraGAConfig(r=2, adapter_dtype="float32"))
-    cfg = RunConfig(batch_size=len(rows), grad_accum=1, max_steps=1, logging_steps=1, lr=1e-3, packing=True,
-                    gradient_checkpointing=False, report_to="none", dtype="float32")
-    build_trainer(model, rows, collate, cfg, tmp_path).train()
-    records = [parse_line(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    logged = [r["loss"] for r in records if r and "loss" in r]
-    assert logged[0] == pytest.approx(unpacked / tokens, rel=1e-4)
+    packed = first_logged_loss(model, rows, tmp_path / "packed")
+    leaky = first_logged_loss(model, [Example(r.input_ids, r.labels) for r in rows], tmp_path / "leaky")
+    assert packed == pytest.approx(unpacked / tokens, rel=1e-5)
+    # A random tiny model attends almost uniformly, so the leak moves the mean loss by only ~4e-4 of it: still
+    # ten times the tolerance above (the per-sample test shows it far larger on single samples).
+    assert abs(leaky - unpacked / tokens) > 1e-4 * unpacked / tokens
+
+
+def test_held_out_loss_of_packed_rows_is_the_unpacked_token_mean(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    examples, collate = samples(), Collator(pad_token_id=0)
+    with torch.no_grad():
+        unpacked = sum(token_losses(model, collate([e])).sum().item() for e in examples)
+    tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
+    assert held_out_loss(model, pack(examples, SEQ_LEN), collate) == pytest.approx(unpacked / tokens, rel=1e-5)
+
+
+def test_a_batch_mixing_packed_and_plain_rows_is_refused():
+    rows = pack(samples(), SEQ_LEN)
+    with pytest.raises(ValueError, match="pack all or none"):
+        Collator(pad_token_id=0)([rows[0], Example(rows[1].input_ids, rows[1].labels)])
+
+
+def test_packing_is_refused_for_a_family_whose_mask_ignores_position_ids(tmp_path, capsys):
+    """Falcon builds its causal mask without the position ids: packed samples would see each other."""
+    from transformers import FalconConfig
+
+    from qloraga.cli import main
+
+    FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1 plus 2 is", "completion": " 3"}\n' * 4)
+    assert main(["--model", str(tmp_path), "--dataset", str(data), "--packing", "--output-dir",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--packing" in err and "'falcon'" in err and "Drop --packing" in err
+    assert not (tmp_path / "out").exists()

@@ -31,27 +31,52 @@ def test_held_out_loss_every_eval_steps_matches_the_final_evaluation(tiny_model_
     assert (out / "loss.png").exists()
 
 
-def test_eval_steps_zero_evaluates_only_before_and_after(tiny_model_dir, tmp_path):
-    data = write_dataset(tmp_path / "train.jsonl", "prompt-completion", n=40)
-    out = tmp_path / "out"
-    assert run_cli(tiny_model_dir("llama"), data, out, "--eval-steps", "0", "--report-to", "none") == 0
-    assert not [r for r in metrics(out) if "eval_loss" in r]
+def test_eval_steps_zero_turns_evaluation_during_training_off(tiny_model_dir, tmp_path):
+    from qloraga import QLoraGAConfig
+    from qloraga.adapters import get_lora_model
+    from qloraga.config import RunConfig
+    from qloraga.data import Collator, Example
+    from qloraga.loading import load_model
+    from qloraga.training import build_trainer
+
+    model = get_lora_model(load_model(tiny_model_dir("llama")), QLoraGAConfig(r=2))
+    rows = [Example([1, 5, 6], [-100, 5, 6])] * 4
+    for steps, strategy in [(0, "no"), (3, "steps")]:
+        cfg = RunConfig(eval_steps=steps, report_to="none", max_steps=1)
+        trainer = build_trainer(model, rows, Collator(0), cfg, tmp_path / str(steps), eval_examples=rows)
+        assert trainer.args.eval_strategy == strategy and (trainer.eval_dataset is None) == (steps == 0)
+
+
+def logged_tags(logger: str, tmp_path, out) -> set[str]:
+    """The metric names the logger wrote to disk: TensorBoard's event files, wandb's offline run file."""
+    if logger == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tags = set()
+        for events in (out / "checkpoints").rglob("events.out.tfevents.*"):
+            accumulator = EventAccumulator(str(events))
+            accumulator.Reload()
+            tags |= set(accumulator.Tags()["scalars"])
+        return tags
+    data = b"".join(f.read_bytes() for f in (tmp_path / "wandb").rglob("*.wandb"))
+    return {tag for tag in ("train/loss", "eval/loss") if tag.encode() in data}
 
 
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
-def test_report_to_writes_the_logger_files(tiny_model_dir, tmp_path, monkeypatch, logger):
+def test_report_to_logs_training_and_held_out_loss(tiny_model_dir, tmp_path, monkeypatch, logger):
     pytest.importorskip(logger)
-    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: wandb writes its run to ./wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: wandb writes its run under WANDB_DIR
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.chdir(tmp_path)
     data = write_dataset(tmp_path / "train.jsonl", "prompt-completion", n=24)
     out = tmp_path / "out"
     assert run_cli(tiny_model_dir("llama"), data, out, "--report-to", logger, "--eval-steps", "2") == 0
-    if logger == "tensorboard":
-        events = list((out / "checkpoints").rglob("events.out.tfevents.*"))
-    else:
-        events = list((tmp_path / "wandb").rglob("*.wandb"))
-    assert events and all(e.stat().st_size > 0 for e in events)
+    assert {"train/loss", "eval/loss"} <= logged_tags(logger, tmp_path, out)
+    if logger == "wandb":
+        import wandb
+
+        assert wandb.run is None  # finished: a second run in this process starts its own
 
 
 def test_report_to_a_missing_logger_fails_before_loading(tmp_path, monkeypatch, capsys):

@@ -119,6 +119,11 @@ def main() -> None:
         print(f"\nwrote {common.save(args.out, 'init_memory_tokens' + suffix, payload)}")
 
 
+def short(name: str) -> str:
+    """A configuration's tag, e.g. "(a auto)" of "(a auto) qloraga 4-bit, init_memory_gb=auto (default)"."""
+    return name.split(")")[0] + ")"
+
+
 def run_main(args, spec) -> dict:
     """(a), (a') with the default budget, (b), (c) and the `import` baseline; their ratios against the goals."""
     layers = common.SHAPES[args.shape]["num_hidden_layers"]
@@ -152,7 +157,7 @@ def run_main(args, spec) -> dict:
     for name, x in results.items():
         if not name.startswith("(a"):
             continue
-        label = name.split(")")[0] + ")"
+        label = short(name)
         others = [("(c)", c, 1.0), ("(b)", b, 0.35)]
         if c_ckpt and label in ckpt_goals:
             others.append(("(c ckpt)", c_ckpt, ckpt_goals[label]))
@@ -165,7 +170,7 @@ def run_main(args, spec) -> dict:
     for name in ("(a auto) qloraga 4-bit, init_memory_gb=auto (default)", "(a'') qloraga 4-bit, estimator=sketch"):
         if name in results:  # time goal: no more than twice the exact one-chunk init
             t = results[name]["seconds"] / one_chunk
-            ratios.append({"ratio": f"{name.split(')')[0]}) time / (a') time", "goal": "<= 2.0", "peak": t,
+            ratios.append({"ratio": f"{short(name)} time / (a') time", "goal": "<= 2.0", "peak": t,
                            "peak - import": t, "met (peak)": t <= 2.0, "met (peak - import)": t <= 2.0})
     params = common.count_params(common.llama_config(args.shape))
     print(f"Shape {args.shape} ({params['total'] / 1e6:.0f}M parameters), r={args.r}, {args.batches} batch(es) of "

@@ -9,7 +9,6 @@ the work happens (`get_qloraga_model`, `tokenize`), for library users.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from qloraga.data import DataError, check_record, is_local, read_records, resolv
 from qloraga.loading import causal_lm_config
 from qloraga.presets import MODEL_TYPE_PRESETS
 from qloraga.targets import find_target_layers
+from qloraga.training import LOGGER_PACKAGES, logger_installed
 
 
 @dataclass
@@ -104,8 +104,7 @@ def check_packing(cfg: RunConfig, config: PretrainedConfig) -> None:
 
 def check_report_to(cfg: RunConfig) -> None:
     """A logger asked for by name is installed (transformers would only fail once the model is loaded)."""
-    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(cfg.report_to, ())
-    if packages and not any(importlib.util.find_spec(name) for name in packages):
+    if cfg.report_to in LOGGER_PACKAGES and not logger_installed(cfg.report_to):
         raise ConfigError(f"{option('report_to')} {cfg.report_to}: the {cfg.report_to} package is not installed. "
                           f"Install it (pip install {cfg.report_to}) or choose none.")
 

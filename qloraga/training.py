@@ -102,10 +102,18 @@ def resolve_optim(name: str) -> str:
     return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
 
 
+# The packages transformers' reporting callbacks can write with, per `report_to` name.
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def logger_installed(name: str) -> bool:
+    return any(importlib.util.find_spec(package) for package in LOGGER_PACKAGES.get(name, ()))
+
+
 def resolve_report_to(name: str) -> str:
     """transformers' `report_to`: auto is tensorboard where it is installed (preflight checks the others)."""
     if name == "auto":
-        return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+        return "tensorboard" if logger_installed("tensorboard") else "none"
     return name
 
 

@@ -21,6 +21,8 @@ SCRIPTS = {  # script: the JSON files its --tiny run writes
     "llama7b.py": ["llama7b_tiny.json"],
     "forward_ab.py": ["forward_ab_tiny.json"],
     "real_convergence.py": ["real_convergence_debian_tiny.json", "real_convergence_pydoc_tiny.json"],
+    "long_horizon.py": ["long_horizon_debian_qlora-peft-b-0_tiny.json",
+                        "long_horizon_debian_lora-one-qloraga_tiny.json", "long_horizon_debian_tiny.json"],
 }
 RUNNER = """
 import runpy, sys
@@ -41,4 +43,5 @@ def test_every_bench_script_runs_tiny(tmp_path):
         for name in files:
             result = json.loads((tmp_path / name).read_text())
             assert result["machine"]["torch"], f"{script} wrote {name} without its header"
-    assert (tmp_path / "convergence_tiny.png").exists() and (tmp_path / "real_convergence_tiny.png").exists()
+    for plot in ("convergence_tiny.png", "real_convergence_tiny.png", "long_horizon_debian_tiny.png"):
+        assert (tmp_path / plot).exists(), plot

@@ -1,0 +1,155 @@
+"""Long-horizon convergence (issue 20): does LoRA-One's head start over tuned plain QLoRA last? Section 6's
+protocol (bench/real_convergence.py: SmolLM2-135M-Instruct in NF4, fp32 compute, r = 8, batches of 8) on the
+debian task, 5x its horizon: 60 steps, held-out loss on 128 examples at steps 0, 10, 20, 40 and 60.
+
+Held-out set: the task's 64 test rows plus its last 64 train rows in file order. The file is ordered by a hash
+of each record's key, so that slice is a fixed random sample; it leaves the training pool (1936 rows remain).
+Each method runs at two learning rates (its two best of section 6's 12-step grid) at seed 0; the one with the
+lower final loss on the 64 validation rows (never the reported set) gets seeds 1 and 2, same batches for every
+method. One process per method, so the two can run side by side at one thread each; every run is saved as it
+ends, and a rerun of the same command skips the runs its JSON already holds.
+
+    python bench/long_horizon.py --method "QLoRA (PEFT, B=0)" --lrs 3e-3 1e-2 &
+    python bench/long_horizon.py --method "LoRA-One (qloraga)" --lrs 1e-3 3e-3 &
+    wait; python bench/long_horizon.py --report     # the table, and the plot of every method's JSON
+    python bench/long_horizon.py --tiny             # smoke run (the test suite's)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import common
+import convergence
+import real_convergence as rc
+
+TASK = "debian"
+# The settings a saved run depends on: a JSON made with other values is not resumed from.
+SETTINGS = ("lrs", "steps", "eval_steps", "held_out_from_train", "batch_size", "grad_batches", "r")
+
+
+def held_out_task(task: rc.Task, from_train: int) -> rc.Task:
+    """The task with its last `from_train` train rows moved into the test split (the reported held-out set)."""
+    if from_train <= 0:
+        return task
+    return rc.Task(task.name, task.train[:-from_train], task.val, task.test + task.train[-from_train:], task.pad_id)
+
+
+def result_path(out: Path, method: str, suffix: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
+    return out / f"long_horizon_{TASK}_{slug}{suffix}.json"
+
+
+def run_method(method: str, task: rc.Task, args, base_path: str, suffix: str) -> None:
+    """Seed 0 at each rate, then the other seeds at the rate with the lower final validation loss."""
+    path = result_path(args.out, method, suffix)
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    old = json.loads(path.read_text()) if path.exists() else {}
+    done = {(r["lr"], r["seed"]): r for r in old.get("runs", [])} if old.get("settings") == settings else {}
+    runs: list[dict] = []
+    chosen = None
+
+    def run(lr: float, seed: int) -> dict:
+        result = done.get((lr, seed)) or rc.train_run(task, method, lr, seed, args, base_path)
+        runs.append(result)
+        payload = {"task": TASK, "method": method, "settings": settings, "seeds": args.seeds,
+                   "held_out": len(task.test), "val": len(task.val), "train_pool": len(task.train),
+                   "chosen": chosen, "runs": runs}
+        common.save(args.out, path.stem, payload)
+        return result
+
+    grid = [run(lr, 0) for lr in args.lrs]
+    chosen = min(grid, key=lambda r: r["val_loss"])["lr"]
+    for seed in range(1, args.seeds):
+        run(chosen, seed)
+    print(f"wrote {path}", flush=True)
+
+
+def spread_rows(runs: dict[str, list[dict]], chosen: dict[str, float], eval_steps: list[int]) -> list[dict]:
+    """Per method at its chosen rate: held-out loss at each evaluated step, mean (min-max) over seeds."""
+    rows = []
+    for method, method_runs in runs.items():
+        row = {"method": method, "lr": chosen[method], "seeds": len(method_runs)}
+        for step in [0, *eval_steps]:
+            i = method_runs[0]["step"].index(step)
+            values = [r["test_loss"][i] for r in method_runs]
+            row[f"step {step}"] = f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+        rows.append(row)
+    return rows
+
+
+def report(out: Path, suffix: str) -> None:
+    """Table and plot from every method's JSON in `out` (only runs at the chosen rate count)."""
+    files = sorted(out.glob(f"long_horizon_{TASK}_*{suffix}.json"))
+    results = [json.loads(f.read_text()) for f in files if suffix or not f.stem.endswith("_tiny")]
+    results = [r for r in results if "method" in r and r["chosen"] is not None]
+    results.sort(key=lambda r: r["method"] != rc.PLAIN)  # the reference first
+    if not results:
+        raise SystemExit(f"no finished long-horizon results in {out}: run the --method processes first")
+    chosen = {r["method"]: r["chosen"] for r in results}
+    runs = {r["method"]: [x for x in r["runs"] if x["lr"] == r["chosen"]] for r in results}
+    settings = results[0]["settings"]
+    rows = convergence.summarize(TASK, chosen, runs, settings["steps"], plain=rc.PLAIN)
+    steps_rows = spread_rows(runs, chosen, settings["eval_steps"])
+    grid_rows = [{"method": r["method"], "lr": x["lr"], "seed": x["seed"], "final val loss": x["val_loss"],
+                  "final held-out loss": x["test_loss"][-1], "load+init s": x["load_init_s"],
+                  "train+eval s": x["train_eval_s"]} for r in results for x in r["runs"]]
+    print(f"\n{TASK}: {results[0]['held_out']} held-out, {results[0]['val']} val, {results[0]['train_pool']} train; "
+          f"{settings['steps']} steps of {settings['batch_size']}\n")
+    print(common.table(steps_rows, list(steps_rows[0])))
+    print()
+    print(common.table(rows, ["method", "lr", "seeds", "final test loss", "min", "max", "steps to LoRA final",
+                              "x LoRA's steps"]))
+    print("\nEvery run:\n")
+    print(common.table(grid_rows, list(grid_rows[0])))
+    payload = {"task": TASK, "settings": settings, "chosen": chosen, "rows": rows, "steps_rows": steps_rows,
+               "grid": grid_rows, "sources": [f.name for f in files]}
+    print(f"\nwrote {common.save(out, f'long_horizon_{TASK}{suffix}', payload)}")
+    title = f"SmolLM2-135M-Instruct, 4-bit, {{}}: {settings['steps']} steps"
+    print("wrote", common.plot(out, f"long_horizon_{TASK}{suffix}", figsize=(6.4, 4.8), draw=lambda fig:
+          convergence.draw_curves(fig, {TASK: {"runs": runs, "chosen": chosen}}, plain=rc.PLAIN, title=title)))
+
+
+def main() -> None:
+    p = common.parser(__doc__.split("\n")[0])
+    p.add_argument("--method", choices=list(rc.METHODS), help="the method this process runs")
+    p.add_argument("--lrs", type=float, nargs="+", help="its rates (seed 0 at each; seeds 1.. at the better)")
+    p.add_argument("--report", action="store_true", help="only the table and plot from the saved JSON files")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--eval-steps", type=int, nargs="+", default=[10, 20, 40, 60],
+                   help="steps where the held-out loss is measured (and step 0, and the last)")
+    p.add_argument("--held-out-from-train", type=int, default=64,
+                   help="last train rows moved to the held-out set (with the 64 test rows)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-batches", type=int, default=2, help="gradient batches of the gradient-aligned inits")
+    p.add_argument("--r", type=int, default=8)
+    args = p.parse_args()
+    suffix = "_tiny" if args.tiny else ""
+    if args.report:
+        return report(args.out, suffix)
+    if args.tiny:
+        args.lrs, args.seeds, args.steps, args.eval_steps, args.held_out_from_train = [1e-3, 3e-3], 2, 2, [1], 4
+        args.grad_batches, args.batch_size, args.r = 1, 2, 2
+    elif args.method is None or args.lrs is None:
+        p.error("give --method and --lrs (or --report)")
+    args.eval_every = args.eval_steps  # what real_convergence.train_run passes to train_curve
+    common.setup_child()
+    from transformers import AutoTokenizer
+
+    from qloraga.loading import model_source
+
+    base_path = rc.tiny_base() if args.tiny else model_source(str(rc.smollm2_gguf()))
+    task = held_out_task(rc.load_task(TASK, AutoTokenizer.from_pretrained(base_path)), args.held_out_from_train)
+    if args.tiny:
+        task.val, task.test = task.val[:4], task.test[-8:]
+    for method in [rc.PLAIN, "LoRA-One (qloraga)"] if args.tiny else [args.method]:
+        run_method(method, task, args, base_path, suffix)
+    if args.tiny:
+        report(args.out, suffix)
+
+
+if __name__ == "__main__":
+    main()

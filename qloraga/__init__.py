@@ -6,7 +6,7 @@ import qloraga.noise  # noqa: F401  (first: filters third-party noise, some logg
 from qloraga.adapters import get_qloraga_model
 from qloraga.config import QLoraGAConfig
 from qloraga.export import export_adapter, export_merged
-from qloraga.factors import lora_ga_factors, lora_one_factors
+from qloraga.init.factors import lora_ga_factors, lora_one_factors
 from qloraga.integrations import restore_adapter_dtype
 from qloraga.loading import load_model
 from qloraga.optim import ScaledAdamW, ScaledSGD, scaled_optimizer

@@ -2,6 +2,6 @@
 
 import sys
 
-from qloraga.commands import main
+from qloraga.cli import main
 
 sys.exit(main())

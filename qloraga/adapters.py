@@ -22,11 +22,14 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
 from qloraga.config import QLoraGAConfig
-from qloraga.initialization import Factors, lora_ga_init
+from qloraga.init.pipeline import Factors, initial_factors
 from qloraga.loading import disable_cpu_repacking
 from qloraga.targets import find_target_layers
 
 ADAPTER = "default"
+# The frozen correction's buffers on each corrected LoRA layer, and the prefix PEFT puts before module names.
+A0_BUFFER, B0_BUFFER = "qloraga_A0", "qloraga_B0"
+PEFT_PREFIX = "base_model.model."
 
 
 def lora_config(r: int, lora_alpha: float, target_modules: list[str], lora_dropout: float = 0.0,
@@ -41,8 +44,8 @@ def delta_weight(layer: LoraLayer, adapter: str = ADAPTER) -> torch.Tensor:
     `s B A` without (LoRA-One, plain LoRA)."""
     a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
     update = b @ a
-    if hasattr(layer, "qloraga_A0"):
-        update = update - layer.qloraga_B0.float() @ layer.qloraga_A0.float()
+    if hasattr(layer, A0_BUFFER):
+        update = update - getattr(layer, B0_BUFFER).float() @ getattr(layer, A0_BUFFER).float()
     return layer.scaling[adapter] * update
 
 
@@ -89,10 +92,10 @@ class ResidualCorrection(LoraVariant):
         # fp32 accumulation, before any rounding to bf16, exactly as the exported adapter computes.
         dropout = module.lora_dropout[active_adapter]
         if isinstance(dropout, nn.Identity):  # one matmul with [A; A0] reads x once, forward and backward
-            h = F.linear(x, torch.cat([lora_a.weight, module.qloraga_A0]))
+            h = F.linear(x, torch.cat([lora_a.weight, getattr(module, A0_BUFFER)]))
         else:
-            h = torch.cat([lora_a(dropout(x)), F.linear(x, module.qloraga_A0)], dim=-1)
-        delta = F.linear(h, torch.cat([lora_b.weight, -module.qloraga_B0], dim=1))
+            h = torch.cat([lora_a(dropout(x)), F.linear(x, getattr(module, A0_BUFFER))], dim=-1)
+        delta = F.linear(h, torch.cat([lora_b.weight, -getattr(module, B0_BUFFER)], dim=1))
         return result + (delta * module.scaling[active_adapter]).to(result.dtype)
 
 
@@ -112,14 +115,14 @@ def start_adapter(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: t
 def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: torch.dtype) -> None:
     """Start the trainable adapter at (A0, B0) and keep the same bits as the frozen correction."""
     a0, b0 = start_adapter(layer, a0, b0, dtype)
-    layer.register_buffer("qloraga_A0", a0.clone())
-    layer.register_buffer("qloraga_B0", b0.clone())
+    layer.register_buffer(A0_BUFFER, a0.clone())
+    layer.register_buffer(B0_BUFFER, b0.clone())
     layer.lora_variant[ADAPTER] = ResidualCorrection()
 
 
 def corrected_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """Every LoRA layer of `model` that carries a qloraga correction, by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, "qloraga_A0")}
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, A0_BUFFER)}
 
 
 def check_batches(batches: Iterable[dict]) -> None:
@@ -168,7 +171,7 @@ def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable
     targets = find_target_layers(model, config.target_modules)
     check_target_rank(targets, config.r, config.r if config.method == "lora-one" else 2 * config.r)
     disable_cpu_repacking(model)
-    factors, report = lora_ga_init(model, targets, batches, config)
+    factors, report = initial_factors(model, targets, batches, config)
     peft_model = wire_adapters(model, factors, config)
     peft_model.qloraga_report = report
     return peft_model

@@ -20,12 +20,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from jinja2 import TemplateError
 
-FORMATS = ("auto", "alpaca", "messages", "prompt-completion", "sharegpt", "text")
+from qloraga.config import DatasetFormat
+from qloraga.errors import DataError
+
+FORMATS = get_args(DatasetFormat)
 CHAT_FORMATS = ("messages", "sharegpt")  # rendered by the chat template, which writes its own BOS and EOS
 # ShareGPT's `from` -> the chat template's `role`.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -36,10 +39,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-
-
-class DataError(ValueError):
-    """A dataset problem the user can fix; the message names the file, the line and the fix."""
 
 
 def is_local(source: str | os.PathLike) -> bool:

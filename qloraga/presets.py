@@ -10,12 +10,17 @@ import yaml
 from qloraga.config import ConfigError, merge_settings
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # inside the package: wheels ship the presets
-# transformers' model_type -> preset name. SmolLM2 is model_type llama: `--preset smollm` sizes it as a small model.
+# transformers' model_type -> preset name.
 MODEL_TYPE_PRESETS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
                       "gemma2": "gemma", "gemma3_text": "gemma3", "phi3": "phi3", "smollm3": "smollm"}
-# A family without a preset: what every model preset agrees on, over the library defaults. Adam steps at a
-# full-fine-tuning learning rate vanish in bf16 adapters, and the exact SVD of every layer is slow at 7B.
-SAFE_DEFAULTS = {"lora_ga": {"adapter_dtype": "float32", "svd_niter": 4}}
+# A family's preset for its small models: below SMALL_MODEL parameters (SmolLM2-135M/360M is model_type llama)
+# the settings measured on SmolLM2-135M (longer sequences, bigger batches, its learning rates) fit better than
+# those sized for 7B.
+SMALL_MODEL_PRESETS = {"llama": "smollm"}
+SMALL_MODEL = 1e9
+# A family without a preset: what every model preset agrees on, over the library defaults (the exact SVD of
+# every layer is slow at 7B).
+SAFE_DEFAULTS = {"lora_ga": {"svd_niter": 4}}
 
 
 def available_presets() -> list[str]:
@@ -56,9 +61,61 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     return merge_settings(load_preset(parent), data) if parent else data
 
 
-def detect_preset(model_type: str | None) -> str | None:
-    """The preset for a transformers `model_type`, or None when no family preset fits."""
+def detect_preset(model_type: str | None, parameters: float | None = None) -> str | None:
+    """The preset for a transformers `model_type` and (where the family has one for small models) its
+    parameter count, or None when no family preset fits."""
+    small = SMALL_MODEL_PRESETS.get(model_type or "")
+    if small and parameters is not None and parameters < SMALL_MODEL:
+        return small
     return MODEL_TYPE_PRESETS.get(model_type or "")
+
+
+def unique_parameters(skeleton) -> dict[str, Any]:
+    """A model's parameters by name, a tied output embedding once. On the meta device (a weightless skeleton)
+    tied weights are separate tensors, so the tie is read from the config."""
+    params = dict(skeleton.named_parameters(remove_duplicate=True))
+    if getattr(skeleton.config, "tie_word_embeddings", False):
+        head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+        if head is not None and embed is not None and head.weight is not embed.weight:
+            params = {n: p for n, p in params.items() if p is not head.weight}
+    return params
+
+
+def parameter_count(config) -> int | None:
+    """Parameters of the model a config describes (tied weights once), from a weightless skeleton."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an exotic architecture: no size, the family alone decides
+        return None
+    return sum(p.numel() for p in unique_parameters(skeleton).values())
+
+
+def choose_preset(model: str) -> tuple[str | None, str]:
+    """The preset for `model` (a folder, .gguf or hub name) from its family and size, and why, in words."""
+    if model == "demo":
+        return "demo", "the embedded demo model"
+    from transformers import AutoConfig
+
+    from qloraga.loading import model_source
+
+    try:
+        config = AutoConfig.from_pretrained(model_source(model))  # a .gguf: its converted folder
+    except (OSError, ValueError):
+        return None, unknown_family_note(model, None)
+    family = config.model_type
+    parameters = parameter_count(config)
+    preset = detect_preset(family, parameters)
+    if preset is None:
+        return None, unknown_family_note(model, family)
+    size = f"{parameters / 1e6:,.0f}M parameters" if parameters else "size unknown"
+    why = f"model_type {family!r}, {size}"
+    if preset == SMALL_MODEL_PRESETS.get(family):
+        why += f", below {SMALL_MODEL / 1e9:g}B: the small-model settings"
+    return preset, why + " (--preset overrides)"
 
 
 def suggest_preset(model_type: str | None) -> str:
@@ -71,6 +128,7 @@ def unknown_family_note(model: str, model_type: str | None) -> str:
     """One line for a model without a family preset: the settings it gets and the preset to try."""
     what = f"model_type {model_type!r}" if model_type else "a config.json that could not be read"
     settings = ", ".join(f"lora_ga.{k}: {v}" for k, v in SAFE_DEFAULTS["lora_ga"].items())
-    return (f"no preset for {model!r} ({what}): using the defaults with {settings}, adapters on every linear "
-            f"layer of the decoder blocks; try --preset {suggest_preset(model_type)} if its layers match "
+    return (f"no preset for {model!r} ({what}): using the defaults with {settings}, the init's own learning "
+            f"rate, adapters on every linear layer of the decoder blocks; try --preset "
+            f"{suggest_preset(model_type)} if its layers match "
             f"(presets: {', '.join(p for p in available_presets() if p != 'demo')}).")

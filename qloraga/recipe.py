@@ -16,18 +16,19 @@ from qloraga import distributed
 from qloraga.adapters import get_lora_model, get_qloraga_model
 from qloraga.config import DEMO_DIR, DEMO_EVAL, DEMO_MODEL, DEMO_TRAIN, RunConfig  # noqa: F401 (DEMO_DIR: API)
 from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, tokenize
+from qloraga.errors import RunError, RunInterrupted, TrainingDiverged
 from qloraga.evaluation import SHORT_ANSWER_FORMATS, SHORT_ANSWER_TOKENS, exact_match, held_out_loss
 from qloraga.export import export_adapter, export_merged
 from qloraga.io import save_json, save_text
 from qloraga.loading import load_base, model_source
 from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.preflight import check_run
+from qloraga.runs import last_checkpoint
 from qloraga.training import (
     GracefulInterrupt,
     StopOnNonFiniteLoss,
     build_trainer,
     finish_loggers,
-    last_checkpoint,
     plot_loss,
 )
 
@@ -59,18 +60,21 @@ def prepare_output_dir(out: Path, cfg: RunConfig) -> None:
     exists = out.exists() and any(out.iterdir())
     if cfg.resume:
         if not exists:
-            raise ValueError(f"--resume: {out} holds no run to resume. Drop --resume to start a new run.")
+            raise RunError(f"--resume: {out} holds no run to resume. Drop --resume to start a new run.")
         return
     if exists:
         if not cfg.overwrite:
-            raise ValueError(f"Output directory {out} already holds a run: pass --overwrite to replace it, "
+            raise RunError(f"Output directory {out} already holds a run: pass --overwrite to replace it, "
                              "--resume to continue it, or choose another --output-dir.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_config(cfg: RunConfig, out: Path) -> None:
-    save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out / "config.yaml")
+def write_config(cfg: RunConfig, out: Path, notes: list[str] = ()) -> None:
+    """The resolved settings (`qloraga finetune --config OUT/config.yaml` runs them again), with where the
+    preset and learning rate came from as comments."""
+    header = "".join(f"# {line}\n" for line in notes)
+    save_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False), out / "config.yaml")
 
 
 def evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg: RunConfig) -> dict[str, float | None]:
@@ -84,16 +88,19 @@ def describe(metrics: dict[str, float | None]) -> str:
     return f"held-out loss {metrics['eval_loss']:.4f}" + ("" if acc is None else f", exact match {acc:.1%}")
 
 
-def finetune(cfg: RunConfig) -> Path:
-    """Run one fine-tuning job and return its output folder."""
+def finetune(cfg: RunConfig, notes: list[str] = ()) -> Path:
+    """Run one fine-tuning job and return its output folder. `notes`: where settings came from, said first
+    and kept in config.yaml."""
     cfg = resolve_demo(cfg.validate())
+    for line in notes:
+        say(line)
     PartialState()  # joins the process group under torchrun / accelerate launch; nothing in one process
     checked = check_run(cfg)  # model config, targets, rank, data fields: before any weight, token or output file
     main = distributed.is_main()  # only rank 0 writes files, logs and evaluates
     out = Path(distributed.broadcast_object(str(cfg.output_dir or default_output_dir(cfg))))
     if main:
         prepare_output_dir(out, cfg)
-        write_config(cfg, out)
+        write_config(cfg, out, notes)
     distributed.barrier()
     set_seed(cfg.seed)
     start = time.perf_counter()
@@ -124,8 +131,7 @@ def finetune(cfg: RunConfig) -> Path:
 
     # Adapters: LoRA-GA or LoRA-One (gradient estimated on the first training batches), or plain LoRA.
     if cfg.init != "lora":
-        lora_ga = dataclasses.replace(cfg.lora_ga, method=cfg.init,
-                                      cache_dir=cfg.lora_ga.cache_dir or str(out / "lora_ga_cache"),
+        lora_ga = dataclasses.replace(cfg.lora_ga, cache_dir=cfg.lora_ga.cache_dir or str(out / "lora_ga_cache"),
                                       progress=cfg.lora_ga.progress and main)
         batches = gradient_batches(train_examples, cfg.ga_batches, cfg.batch_size, collator)
         model = get_qloraga_model(model, lora_ga, batches)
@@ -143,10 +149,10 @@ def finetune(cfg: RunConfig) -> Path:
     finish_loggers(cfg.report_to)
     nan_guard = trainer.pop_callback(StopOnNonFiniteLoss)
     if nan_guard.bad_step is not None:
-        raise FloatingPointError(f"The weights became NaN/inf at step {nan_guard.bad_step}; training stopped. The "
-                                 f"last good checkpoint is {last_checkpoint(out)}: lower --lr and --resume.")
+        raise TrainingDiverged(f"The weights became NaN/inf at step {nan_guard.bad_step}; training stopped. The "
+                               f"last good checkpoint is {last_checkpoint(out)}: lower --lr and --resume.")
     if trainer.pop_callback(GracefulInterrupt).requested:
-        raise KeyboardInterrupt(f"checkpoint written to {last_checkpoint(out)}")
+        raise RunInterrupted(f"checkpoint written to {last_checkpoint(out)}")
 
     # Results and exports.
     if not main:

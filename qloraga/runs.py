@@ -4,7 +4,8 @@ A run's `adapter/` is already the portable rank-2r PEFT adapter. A checkpoint (`
 written by Trainer through PEFT's `save_pretrained`) holds the trainable rank-r `A`, `B` and, for LoRA-GA
 runs, the frozen correction buffers `qloraga_A0`, `qloraga_B0`; loaded by plain PEFT it would silently
 lack the `-s B0 A0` term. `checkpoint_adapter` rebuilds the corrected rank-2r adapter `[A; A0]`,
-`[B, -B0]` (alpha doubled, the same scaling), as `export.adapter_tensors` does for a live model.
+`[B, -B0]` (alpha doubled, the same scaling) through `export.adapter.fold_correction`, as a live model's
+export does.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qloraga.config import RunConfig
 from qloraga.io import save_json, save_tensors
-
-A0, B0 = "qloraga_A0", "qloraga_B0"
 
 
 @dataclass
@@ -40,6 +38,20 @@ class Run:
     def checkpoint_dir(self, step: int) -> Path:
         return self.path / "checkpoints" / f"checkpoint-{step}"
 
+    def tokenizer(self):
+        """The run's tokenizer: the one saved beside its adapter, else its base model's (pad token and chat
+        template set as training set them)."""
+        from transformers import AutoTokenizer
+
+        from qloraga.data import prepare_tokenizer
+        from qloraga.loading import model_source
+
+        source = self.adapter_dir if (self.adapter_dir / "tokenizer_config.json").exists() else \
+            model_source(self.config.model)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=self.config.trust_remote_code)
+        prepare_tokenizer(tokenizer, self.config.chat_template)
+        return tokenizer
+
 
 def open_run(path: str | os.PathLike) -> Run:
     path = Path(path)
@@ -50,21 +62,39 @@ def open_run(path: str | os.PathLike) -> Run:
     return Run(path, RunConfig.from_dict(yaml.safe_load(config_file.read_text())))
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """The complete checkpoints of a run folder by step, oldest first (a SIGKILL during a save leaves an
+    incomplete one, which is not listed)."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete(p)]
+    return {int(p.name.split("-")[-1]): p for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]))}
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint of a run, for `--resume`."""
+    found = checkpoints(run_dir)
+    return str(found[max(found)]) if found else None
+
+
 def available_checkpoints(run: Run) -> list[int]:
-    folder = run.path / "checkpoints"
-    steps = [p.name.split("-")[-1] for p in folder.glob("checkpoint-*")] if folder.exists() else []
-    return sorted(int(s) for s in steps if s.isdigit())
+    return list(checkpoints(run.path))
 
 
 def cached_factors(run: Run) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The LoRA-GA factors `{module: (A0, B0)}` in the run's `lora_ga_cache/` (one fingerprint only)."""
+    from qloraga.init.cache import FactorCache
+
     folder = Path(run.config.lora_ga.cache_dir or run.path / "lora_ga_cache")
-    by_key: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for file in sorted(folder.glob("chunk-*.safetensors")) if folder.exists() else []:
-        with safe_open(str(file), framework="pt") as f:
-            key = (f.metadata() or {}).get("fingerprint", "")
-            names = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-            by_key.setdefault(key, {}).update({n: (f.get_tensor(f"{n}.A0"), f.get_tensor(f"{n}.B0")) for n in names})
+    by_key = FactorCache.by_fingerprint(folder)
     if len(by_key) > 1:
         raise ValueError(f"{folder} holds factors of {len(by_key)} different initialisations: cannot tell which "
                          "one this checkpoint was trained from.")
@@ -74,29 +104,32 @@ def cached_factors(run: Run) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def corrected_tensors(tensors: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
                       ) -> dict[str, torch.Tensor]:
     """Rank-r checkpoint tensors (+ correction buffers or `factors`) -> the rank-2r PEFT adapter's tensors."""
+    from qloraga.adapters import A0_BUFFER, B0_BUFFER, PEFT_PREFIX
+    from qloraga.export.adapter import fold_correction
+
     out = {}
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
             continue
         module = key.removesuffix(".lora_A.weight")
-        b = tensors[f"{module}.lora_B.weight"]
-        if f"{module}.{A0}" in tensors:
-            a0, b0 = tensors[f"{module}.{A0}"], tensors[f"{module}.{B0}"]
+        if f"{module}.{A0_BUFFER}" in tensors:
+            a0, b0 = tensors[f"{module}.{A0_BUFFER}"], tensors[f"{module}.{B0_BUFFER}"]
         else:
-            short = module.removeprefix("base_model.model.")
+            short = module.removeprefix(PEFT_PREFIX)
             if short not in factors:
-                raise ValueError(f"The checkpoint has no LoRA-GA correction for {short} (no {A0} buffer, and the "
-                                 "run's lora_ga_cache/ has no factors for it): without it the checkpoint's "
+                raise ValueError(f"The checkpoint has no LoRA-GA correction for {short} (no {A0_BUFFER} buffer, and "
+                                 "the run's lora_ga_cache/ has no factors for it): without it the checkpoint's "
                                  "adapter is not what was trained. Use the run's final adapter/ instead.")
             a0, b0 = factors[short]
-        out[key] = torch.cat([a, a0.to(a.dtype)], dim=0)
-        out[f"{module}.lora_B.weight"] = torch.cat([b, -b0.to(b.dtype)], dim=1)
+        out[key], out[f"{module}.lora_B.weight"] = fold_correction(a, tensors[f"{module}.lora_B.weight"], a0, b0)
     return out
 
 
 def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
     """Write checkpoint `step` of `run` as a PEFT adapter in `out_dir`: rank 2r with the LoRA-GA correction
     folded in for LoRA-GA runs, the checkpoint's own adapter for plain LoRA runs."""
+    from qloraga.adapters import A0_BUFFER
+
     src = run.checkpoint_dir(step)
     if not (src / "adapter_model.safetensors").exists():
         have = available_checkpoints(run)
@@ -106,7 +139,7 @@ def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(src / "adapter_model.safetensors"))
     config = json.loads((src / "adapter_config.json").read_text())
-    corrected = any(k.endswith(A0) for k in tensors)
+    corrected = any(k.endswith(A0_BUFFER) for k in tensors)
     if corrected or run.config.init == "lora-ga":
         factors = {} if corrected else cached_factors(run)
         tensors = corrected_tensors(tensors, factors)
@@ -123,16 +156,11 @@ def load_run_model(run: Run, checkpoint: int | None = None, base_only: bool = Fa
 
     Returns `(model, tokenizer)`; the tokenizer is the run's (its pad token and chat template)."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from qloraga.data import prepare_tokenizer
-    from qloraga.loading import load_base, model_source
+    from qloraga.loading import load_base
 
-    cfg = run.config
-    model = load_base(cfg, dtype)
-    source = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").exists() else model_source(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    prepare_tokenizer(tokenizer, cfg.chat_template)
+    model = load_base(run.config, dtype)
+    tokenizer = run.tokenizer()
     if base_only:
         return model.eval(), tokenizer
     if checkpoint is None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from qloraga.config import SCALED_OPTIMIZERS, RunConfig
+from qloraga.config import SCALED_OPTIMIZERS, RunConfig, resolve_optim
 from qloraga.data import Collator, Example
 from qloraga.io import atomic_file
 from qloraga.optim import scaled_optimizer
@@ -91,15 +91,6 @@ class GracefulInterrupt(TrainerCallback):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
             self.previous = None
-
-
-def resolve_optim(name: str) -> str:
-    """transformers' optimizer name; a scaled optimizer is built by us (`TrainingArguments` gets AdamW's name)."""
-    if name in SCALED_OPTIMIZERS:
-        return "adamw_torch"
-    if name != "auto":
-        return name
-    return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
 
 
 # The packages transformers' reporting callbacks can write with, per `report_to` name.
@@ -184,22 +175,6 @@ def build_trainer(model: nn.Module, examples: list[Example], collator: Collator,
         callbacks=[MetricsLog(out_dir / "metrics.jsonl"), StopOnNonFiniteLoss(), GracefulInterrupt()],
     )
     return trainer
-
-
-def is_complete(checkpoint: Path) -> bool:
-    """Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def last_checkpoint(out_dir: Path) -> str | None:
-    """The newest complete checkpoint of a run (a SIGKILL during a save leaves an incomplete one)."""
-    folder = out_dir / "checkpoints"
-    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete(p)]
-    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> bool:

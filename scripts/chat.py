@@ -3,7 +3,7 @@
 
 import sys
 
-from qloraga.chat import main
+from qloraga.cli.chat import main
 
 if __name__ == "__main__":
     sys.exit(main())

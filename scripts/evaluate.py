@@ -3,7 +3,7 @@
 
 import sys
 
-from qloraga.evaluate_cli import main
+from qloraga.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

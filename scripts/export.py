@@ -3,7 +3,7 @@
 
 import sys
 
-from qloraga.export_cli import main
+from qloraga.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 import sys
 
-from qloraga.cli import main
+from qloraga.cli.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,16 +6,16 @@ import pytest
 import torch
 from conftest import make_batches
 
-import qloraga.initialization as initialization
+import qloraga.init.pipeline as initialization
 from qloraga import QLoraGAConfig, load_model
-from qloraga.initialization import lora_ga_init
+from qloraga.init.pipeline import initial_factors
 from qloraga.targets import find_target_layers
 
 
 def run(path, cache_dir, batches):
     model = load_model(path)
     config = QLoraGAConfig(r=4, chunk_blocks=1, cache_dir=str(cache_dir), progress=False)
-    return lora_ga_init(model, find_target_layers(model), batches, config)
+    return initial_factors(model, find_target_layers(model), batches, config)
 
 
 def test_interrupted_initialisation_reuses_finished_chunks(tiny_model_dir, tmp_path, monkeypatch):
@@ -59,7 +59,7 @@ def test_out_of_memory_halves_the_chunk_and_retries(tiny_model_dir, monkeypatch,
     model = load_model(path)
     targets = find_target_layers(model)
     config = QLoraGAConfig(r=4, init_memory_gb=4.0, progress=False)  # both blocks in one chunk, until the OOM
-    reference, _ = lora_ga_init(model, targets, batches, config)
+    reference, _ = initial_factors(model, targets, batches, config)
     real = initialization.accumulate_chunk
 
     def oom_on_big_chunks(model, layers, *args, **kwargs):
@@ -68,7 +68,7 @@ def test_out_of_memory_halves_the_chunk_and_retries(tiny_model_dir, monkeypatch,
         return real(model, layers, *args, **kwargs)
 
     monkeypatch.setattr(initialization, "accumulate_chunk", oom_on_big_chunks)
-    factors, report = lora_ga_init(model, targets, batches, config)
+    factors, report = initial_factors(model, targets, batches, config)
     assert report.chunks == 2
     assert "halving" in capsys.readouterr().err
     for name, (a, b) in reference.items():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qloraga.chat import main as chat_main
+from qloraga.cli.chat import main as chat_main
 from qloraga.runs import checkpoint_adapter, load_run_model, open_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_chat_script_streams(demo_run):
 
 
 def test_conversation_is_kept(demo_run, capsys):
-    from qloraga.chat import Chat, parser
+    from qloraga.cli.chat import Chat, parser
 
     model, tokenizer = load_run_model(open_run(demo_run))
     chat = Chat(model, tokenizer, parser().parse_args(["--run", str(demo_run), "--temperature", "0",
@@ -103,7 +103,7 @@ def test_errors(demo_run, tmp_path, capsys):
 
 
 def test_demo_has_no_gguf_tokenizer(demo_run, capsys):
-    from qloraga.export_cli import main as export_main
+    from qloraga.cli.export import main as export_main
 
     assert export_main(["--run", str(demo_run), "--format", "gguf"]) == 2
     err = capsys.readouterr().err

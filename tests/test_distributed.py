@@ -21,7 +21,7 @@ from test_cli import write_dataset
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
 from qloraga.adapters import corrected_layers
-from qloraga.initialization import lora_ga_init
+from qloraga.init.pipeline import initial_factors
 from qloraga.targets import find_target_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def setup(rank: int, port: int) -> None:
 def init_worker(rank, port, model_dir, out, estimator):
     setup(rank, port)
     model = load_model(model_dir)
-    factors, _ = lora_ga_init(model, find_target_layers(model), make_batches(n_batches=4),
+    factors, _ = initial_factors(model, find_target_layers(model), make_batches(n_batches=4),
                               QLoraGAConfig(r=4, progress=False, estimator=estimator))
     save_file({f"{n}.{i}": t for n, ab in factors.items() for i, t in enumerate(ab)}, f"{out}/rank{rank}.safetensors")
     dist.destroy_process_group()
@@ -62,7 +62,7 @@ def test_init_is_identical_on_every_rank_and_equals_one_process(tiny_model_dir, 
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key  # bit-identical across ranks
     model = load_model(model_dir)
-    single, _ = lora_ga_init(model, find_target_layers(model), make_batches(n_batches=4),
+    single, _ = initial_factors(model, find_target_layers(model), make_batches(n_batches=4),
                              QLoraGAConfig(r=4, progress=False, estimator=estimator))
     # The only difference is the order of the fp32 sums over batches (~1e-7 relative in G); singular
     # vectors move by that over the singular-value gaps (their signs are fixed by lora_ga_factors), so

@@ -9,9 +9,9 @@ from test_cli import write_dataset
 import qloraga.loading
 import qloraga.recipe
 from qloraga import load_model
-from qloraga.cli import main
+from qloraga.cli.dryrun import marked, weight_bytes
+from qloraga.cli.finetune import main
 from qloraga.config import RunConfig
-from qloraga.dryrun import marked, weight_bytes
 from qloraga.loading import causal_lm_config
 from qloraga.preflight import model_skeleton
 

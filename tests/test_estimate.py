@@ -8,9 +8,9 @@ from conftest import make_batches, rel
 from reference import autograd_grads, dequantized_fp32_copy
 
 from qloraga import QLoraGAConfig, load_model
-from qloraga.chunks import plan_chunks
-from qloraga.estimate import Pairs, accumulate_chunk
-from qloraga.initialization import lora_ga_init
+from qloraga.init.chunks import plan_chunks
+from qloraga.init.gradient import Pairs, accumulate_chunk
+from qloraga.init.pipeline import initial_factors
 from qloraga.targets import block_index, decoder_blocks, find_target_layers
 
 
@@ -59,8 +59,8 @@ def test_chunked_equals_unchunked(tiny_model_dir):
     assert len(chunks_one) == 1 and len(chunks_many) == 2
     for name in one:
         torch.testing.assert_close(per_block[name], one[name], rtol=1e-6, atol=1e-9)
-    fa, _ = lora_ga_init(model, find_target_layers(model), batches, QLoraGAConfig(r=4, progress=False))
-    fb, report = lora_ga_init(model, find_target_layers(model), batches,
+    fa, _ = initial_factors(model, find_target_layers(model), batches, QLoraGAConfig(r=4, progress=False))
+    fb, report = initial_factors(model, find_target_layers(model), batches,
                               QLoraGAConfig(r=4, chunk_blocks=1, progress=False))
     assert report.chunks == 2
     for name in fa:
@@ -78,55 +78,61 @@ def test_memory_budget_sets_the_chunk_size(tiny_model_dir):
     assert len(plan_chunks(model, targets, init_memory_gb=1e-9)) == 2
 
 
-def test_auto_budget_plans_from_free_memory_and_training_step(tiny_model_dir, monkeypatch):
-    """`init_memory_gb="auto"`: min(HEADROOM * free - activations, training step's adapter state) minus the
-    init's own fp32 factors and SVD workspace; the planner then fits chunks to it."""
-    from qloraga import chunks
+def test_auto_budget_plans_the_fewest_passes_the_free_memory_allows(tiny_model_dir):
+    """`init_memory_gb="auto"`: HEADROOM * free - activations - the init's fp32 factors and SVD workspace,
+    computed here from the shapes by hand; one chunk when every accumulator fits, one block per chunk only
+    when memory is that tight."""
+    from qloraga.init import chunks
 
     model = load_model(tiny_model_dir("llama"))
     targets = find_target_layers(model)
     batches = make_batches()
     block = 4 * sum(m.out_features * m.in_features for n, m in targets.items() if ".layers.0." in n)
-    params = chunks.adapter_params(targets, 4)
-    own = 4 * params + chunks.svd_workspace_bytes(targets, None, 4)
-    acts = chunks.activation_bytes(model, chunks.batch_tokens(batches), True)
-    assert chunks.batch_tokens(batches) == 2 * 12 and acts > 0
+    every = 4 * sum(m.out_features * m.in_features for m in targets.values())
+    assert every == 2 * block  # two identical blocks
+    params = sum(4 * (m.in_features + m.out_features) for m in targets.values())
+    worst = max(m.out_features * m.in_features + m.out_features * min(m.out_features, m.in_features)
+                + min(m.out_features, m.in_features) * m.in_features + 4 * min(m.out_features, m.in_features) ** 2
+                for m in targets.values())
+    own = 4 * params + 4 * worst
+    c = model.config
+    tokens = 2 * 12
+    width = 2  # load_model's bf16 compute
+    acts = tokens * ((c.hidden_size * c.num_hidden_layers + 4 * c.hidden_size + 3 * c.intermediate_size) * width
+                     + c.vocab_size * 8)
 
     def auto(free: float) -> chunks.Budget:
-        return chunks.auto_budget(model, targets, batches, r=4, adapter_bytes=2, svd_niter=None,
-                                  checkpointing=True, free_bytes=int(free))
+        return chunks.auto_budget(model, targets, batches, r=4, svd_niter=None, checkpointing=True,
+                                  free_bytes=int(free))
 
-    big = auto(1e15)  # plenty of memory: the training step decides (CPU: fp32 AdamW moments, 8 bytes)
-    assert big.source == "training step projection"
-    assert big.gb * 2**30 == pytest.approx(max(params * (3 * 2 + 8) - own, 0))
-    assert "budget auto" in big.describe(2) and "training step projection" in big.describe(2)
-    # A projected step as large as two blocks' accumulators: now the free memory decides.
-    huge = 10 * (block + own)
-    monkeypatch.setattr(chunks, "adapter_params", lambda *_: huge)
-    own = 4 * huge + chunks.svd_workspace_bytes(targets, None, 4)
-    for blocks, expected in [(2.5, 1), (1.5, 2), (0.0, 2)]:
+    for blocks, expected in [(1e6, 1), (2.5, 1), (1.5, 2), (0.0, 2)]:
         budget = auto((blocks * block + own + acts) / chunks.HEADROOM)
         assert budget.source == "free memory"
-        assert budget.gb * 2**30 == pytest.approx(blocks * block, abs=16)
+        assert budget.gb * 2**30 == pytest.approx(blocks * block, abs=16, rel=1e-6)
         assert len(plan_chunks(model, targets, init_memory_gb=budget.gb)) == expected
+    assert "budget auto" in auto(1e15).describe(1) and "one pass" in auto(1e15).describe(1)
+    assert "memory is tight" in auto(0).describe(2)
 
 
 def test_auto_budget_is_the_default_and_the_summary_says_it(tiny_model_dir, monkeypatch):
-    from qloraga import chunks
+    from qloraga.init import chunks
 
     assert QLoraGAConfig().init_memory_gb == "auto"
     model = load_model(tiny_model_dir("llama"))
     monkeypatch.setattr(chunks, "free_memory_bytes", lambda device: 0)  # no room: one block per chunk
-    _, report = lora_ga_init(model, find_target_layers(model), make_batches(), QLoraGAConfig(r=4, progress=False))
+    _, report = initial_factors(model, find_target_layers(model), make_batches(), QLoraGAConfig(r=4, progress=False))
     assert report.chunks == 2
-    assert "budget auto: 0.0 MiB (free memory" in report.summary() and report.summary().endswith("2 chunk(s)")
-    _, fixed = lora_ga_init(model, find_target_layers(model), make_batches(),
+    assert "budget auto: 0.0 MiB (free memory" in report.summary() and "2 chunk(s): memory is tight" in report.summary()
+    monkeypatch.setattr(chunks, "free_memory_bytes", lambda device: 2**40)  # plenty: one pass
+    _, roomy = initial_factors(model, find_target_layers(model), make_batches(), QLoraGAConfig(r=4, progress=False))
+    assert roomy.chunks == 1 and "1 chunk(s): one pass" in roomy.summary()
+    _, fixed = initial_factors(model, find_target_layers(model), make_batches(),
                             QLoraGAConfig(r=4, init_memory_gb=4, progress=False))
     assert fixed.chunks == 1 and "budget 4.00 GiB (init_memory_gb), 1 chunk(s)" in fixed.summary()
 
 
 def test_init_memory_gb_takes_a_number_or_auto():
-    from qloraga.cli import parser
+    from qloraga.cli.finetune import parser
     from qloraga.config import ConfigError
 
     assert QLoraGAConfig.from_dict({"init_memory_gb": 4}).init_memory_gb == 4.0
@@ -135,8 +141,8 @@ def test_init_memory_gb_takes_a_number_or_auto():
     for bad in ["lots", True, 0, -1.0]:
         with pytest.raises(ConfigError, match="init_memory_gb"):
             QLoraGAConfig.from_dict({"init_memory_gb": bad})
-    assert parser().parse_args(["--init-memory-gb", "auto"]).init_memory_gb == "auto"
-    assert parser().parse_args(["--init-memory-gb", "1.5"]).init_memory_gb == 1.5
+    assert getattr(parser().parse_args(["--init-memory-gb", "auto"]), "lora_ga.init_memory_gb") == "auto"
+    assert getattr(parser().parse_args(["--init-memory-gb", "1.5"]), "lora_ga.init_memory_gb") == 1.5
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

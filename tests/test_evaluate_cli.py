@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 
 from qloraga import QLoraGAConfig, export_adapter, load_model, loading
 from qloraga.adapters import get_lora_model
+from qloraga.cli.evaluate import main
 from qloraga.config import DEMO_EVAL, DEMO_MODEL, RunConfig
-from qloraga.evaluate_cli import main
 
 
 def test_run_is_scored_on_the_base_as_the_run_loaded_it(tmp_path, monkeypatch, capsys):
@@ -42,5 +42,5 @@ def test_run_is_scored_on_the_base_as_the_run_loaded_it(tmp_path, monkeypatch, c
 
 
 def test_evaluate_does_not_import_the_training_recipe():
-    code = "import sys, qloraga.evaluate_cli; sys.exit('qloraga.recipe' in sys.modules)"
+    code = "import sys, qloraga.cli.evaluate; sys.exit('qloraga.recipe' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 import qloraga
-from qloraga import cli, loading
+from qloraga import loading
+from qloraga.presets import choose_preset
 
 gguf = pytest.importorskip("gguf")
 
@@ -167,7 +168,7 @@ def test_gguf_round_trip_model_tokenizer_and_cache(tiny_gguf, counted, capsys):
 
     # A folder holding just that file resolves to the same conversion; the CLI detects the preset from it.
     assert loading.model_source(path.parent) == str(folder) and len(counted) == 1
-    assert cli.model_type(str(path)) == "llama" and len(counted) == 1
+    assert choose_preset(str(path))[0] == "smollm" and len(counted) == 1  # a tiny llama: the small-model preset
 
 
 def test_gguf_4bit_matches_4bit_of_original(tiny_gguf, counted):

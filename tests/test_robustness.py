@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from test_cli import run_cli, write_dataset
 from transformers import AutoModel, DistilBertConfig, TrainerCallback
 
-import qloraga.initialization as initialization
+import qloraga.init.pipeline as initialization
 import qloraga.training as training
-from qloraga.training import last_checkpoint
+from qloraga.runs import last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -316,7 +316,7 @@ def test_a_pickle_posing_as_a_cache_file_is_never_unpickled(tiny_model_dir, tmp_
 
 
 def test_remote_code_is_off_unless_asked(tiny_model_dir):
-    from qloraga.cli import resolve
+    from qloraga.cli.finetune import resolve
 
     assert resolve({"model": tiny_model_dir("llama")}).trust_remote_code is False
     assert resolve({"model": tiny_model_dir("llama"), "trust_remote_code": True}).trust_remote_code is True

@@ -8,9 +8,9 @@ from conftest import make_batches
 from reference import autograd_grads, dequantized_fp32_copy
 
 from qloraga import QLoraGAConfig, load_model
-from qloraga.factors import top_singular_vectors
-from qloraga.initialization import lora_ga_init
-from qloraga.sketch import sketched_singular_vectors
+from qloraga.init.factors import top_singular_vectors
+from qloraga.init.pipeline import initial_factors
+from qloraga.init.sketch import sketched_singular_vectors
 from qloraga.targets import find_target_layers
 
 R = 4
@@ -58,8 +58,8 @@ def test_sketched_subspaces_match_the_exact_ones(setup, power_iters):
 @pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
 def test_sketched_init_gives_the_exact_first_step(setup, direction):
     model, batches, targets, grads = setup
-    exact, _ = lora_ga_init(model, targets, batches, QLoraGAConfig(r=R, direction=direction, progress=False))
-    sketched, report = lora_ga_init(model, targets, batches, QLoraGAConfig(r=R, direction=direction,
+    exact, _ = initial_factors(model, targets, batches, QLoraGAConfig(r=R, direction=direction, progress=False))
+    sketched, report = initial_factors(model, targets, batches, QLoraGAConfig(r=R, direction=direction,
                                                                         estimator="sketch", progress=False))
     assert report.chunks == 2  # 1 + power_iters passes
     for name, grad in grads.items():
@@ -114,7 +114,7 @@ def test_regenerated_test_matrices_and_the_lighter_last_pass_give_the_same_bits(
     """The Gaussian test matrices are drawn again from the seed where they are used instead of being held
     for every layer through pass 1, and the last power iteration accumulates G P alone (G^T Q was unused):
     the factors are those of stored matrices and full passes, bit for bit."""
-    from qloraga.sketch import TestMatrices, gaussian, orth, sketch_pass, sketch_width, top_vectors_from_sketches
+    from qloraga.init.sketch import TestMatrices, gaussian, orth, sketch_pass, sketch_width, top_vectors_from_sketches
 
     model, batches, targets, _ = setup
     omega_shapes, psi_shapes = {}, {}

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_tokenizer
 from test_cli import run_cli, write_dataset
 
-from qloraga.cli import main
+from qloraga.cli.finetune import main
 from qloraga.evaluation import SHORT_ANSWER_TOKENS, scored_pairs
 
 
@@ -108,7 +108,7 @@ def test_exact_match_scores_short_prompt_completion_answers_only():
 def test_readme_documents_every_finetune_flag():
     from pathlib import Path
 
-    from qloraga.cli import parser
+    from qloraga.cli.finetune import parser
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     flags = {s for action in parser()._actions for s in action.option_strings if s.startswith("--")} - {"--help"}

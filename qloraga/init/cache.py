@@ -48,20 +48,25 @@ class FactorCache:
         self.directory = Path(directory)
         self.key = key
 
-    def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for path in sorted(self.directory.glob("chunk-*.safetensors")):
+    @staticmethod
+    def by_fingerprint(directory: str | Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Every readable cache file's factors under `directory`, grouped by fingerprint. A file that is not
+        safetensors, or is damaged, is never unpickled: it is ignored with a warning that names it."""
+        found: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for path in sorted(Path(directory).glob("chunk-*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    if (f.metadata() or {}).get("fingerprint") != self.key:
-                        continue
+                    key = (f.metadata() or {}).get("fingerprint", "")
                     names = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
                     chunk = {n: (f.get_tensor(f"{n}.A0"), f.get_tensor(f"{n}.B0")) for n in names}
-            except Exception as exc:  # not a safetensors file, or a damaged one: never unpickled, ignored
+            except Exception as exc:  # safetensors raises its own error type for a damaged file
                 warnings.warn(f"Ignoring cache file {path}: not a readable safetensors file ({exc}).", stacklevel=2)
                 continue
-            factors.update(chunk)
-        return factors
+            found.setdefault(key, {}).update(chunk)
+        return found
+
+    def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self.by_fingerprint(self.directory).get(self.key, {})
 
     def save(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         tensors = {}

@@ -1,9 +1,11 @@
-"""Chunk planning for the exact gradient estimate: which target layers accumulate together in one pass.
+"""Chunk planning for the exact gradient estimate, and the one memory model of a run's phases.
 
 An fp32 accumulator costs `4 * out * in` bytes per layer, so the targets are split into chunks of
-consecutive decoder blocks whose accumulators fit a memory budget (docs/ALGORITHM.md section 2). With
-`init_memory_gb="auto"`, `auto_budget` sizes that budget from the device's free memory and the projected
-training step, so that the init needs no more than training will.
+consecutive decoder blocks whose accumulators fit a memory budget (docs/ALGORITHM.md section 2). Each chunk
+is one pass over the gradient batches, so fewer chunks is faster. With `init_memory_gb="auto"`,
+`auto_budget` gives the accumulators what is free when the init runs (it runs before training and frees
+them after), less the init's own activations, factors and SVD workspace: one chunk wherever that fits,
+one block per chunk only where memory is that tight. The dry run's estimate uses the same functions.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from qloraga import distributed
+from qloraga.config import resolve_optim
 from qloraga.memory import free_memory_bytes
 from qloraga.targets import block_index, decoder_blocks
 
@@ -27,15 +30,16 @@ class Budget:
     """The fp32 accumulator budget of one chunk, and where it came from (for the init's summary line)."""
 
     gb: float
-    source: str = "init_memory_gb"  # or "training step projection", "free memory"
-    step_gb: float = 0.0  # projected training-step memory above the weights and activations
+    source: str = "init_memory_gb"  # or "free memory"
     free_gb: float = 0.0  # free device memory (CUDA) or MemAvailable (CPU)
+    own_gb: float = 0.0  # what the init holds besides its accumulators: activations, factors, SVD workspace
 
     def describe(self, chunks: int) -> str:
         if self.source == "init_memory_gb":
             return f"budget {size(self.gb)} (init_memory_gb), {chunks} chunk(s)"
-        return (f"budget auto: {size(self.gb)} ({self.source}; step {size(self.step_gb)}, free "
-                f"{size(self.free_gb)}), {chunks} chunk(s)")
+        why = "one pass" if chunks == 1 else "memory is tight" if self.gb < 1e-3 else "the accumulators exceed it"
+        return (f"budget auto: {size(self.gb)} ({self.source} {size(self.free_gb)} x {HEADROOM:g} less "
+                f"{size(self.own_gb)} of activations, factors and SVD workspace), {chunks} chunk(s): {why}")
 
 
 def size(gib: float) -> str:
@@ -60,19 +64,41 @@ def svd_workspace_bytes(targets: dict[str, nn.Linear], svd_niter: int | None, r:
     return BYTES_FP32 * worst
 
 
-def activation_bytes(model: nn.Module, tokens: int, checkpointing: bool) -> int:
-    """A rough upper bound of one batch's activations (the dry run's formula, qloraga/dryrun.py): with
-    checkpointing each block's input and one block's recomputed activations, without it every block's; plus
-    fp32 logits and their gradient."""
-    config = getattr(model, "config", None)
+def activation_bytes(config, tokens: int, width: int, checkpointing: bool) -> int:
+    """A rough upper bound of one batch's activations from a model's config (`width`: bytes of the compute
+    dtype): with checkpointing each block's input and one block's recomputed activations, without it every
+    block's; plus fp32 logits and their gradient."""
     hidden = getattr(config, "hidden_size", 0) or 0
     layers = getattr(config, "num_hidden_layers", 0) or 0
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
     vocab = getattr(config, "vocab_size", 0) or 0
-    width = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
     per_block = (4 * hidden + 3 * inner) * width
     blocks = hidden * layers * width + per_block if checkpointing else per_block * layers
     return tokens * (blocks + vocab * 8)
+
+
+def moment_bytes(optim: str, cuda: bool) -> int:
+    """Bytes per trainable parameter of the optimizer's two moments: 2 for an 8-bit AdamW, 8 in fp32."""
+    return 2 if "8bit" in resolve_optim(optim, cuda) else 8
+
+
+def training_step_bytes(params: int, adapter_bytes: int, moments: int) -> int:
+    """A training step's adapter state above the weights and activations: A and B, their gradients and the
+    frozen A0, B0 of the correction in the adapter dtype, plus the optimizer's two moments."""
+    return params * (3 * adapter_bytes + moments)
+
+
+def init_own_bytes(targets: dict[str, nn.Linear], r: int, svd_niter: int | None) -> int:
+    """What the exact init holds besides its accumulators and activations: every target's fp32 factors and
+    one layer's SVD workspace."""
+    return adapter_params(targets, r) * BYTES_FP32 + svd_workspace_bytes(targets, svd_niter, r)
+
+
+def free_budget(free: int, activations: int, own: int) -> Budget:
+    """`init_memory_gb="auto"` from the free bytes: `HEADROOM * free - activations - own`, at least 0 (one
+    block per chunk)."""
+    return Budget(max(HEADROOM * free - activations - own, 0) / 2**30, "free memory", free / 2**30,
+                  (activations + own) / 2**30)
 
 
 def batch_tokens(batches: Iterable[dict]) -> int:
@@ -85,31 +111,15 @@ def batch_tokens(batches: Iterable[dict]) -> int:
 
 
 def auto_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict], *, r: int,
-                adapter_bytes: int, svd_niter: int | None, checkpointing: bool,
-                free_bytes: int | None = None) -> Budget:
-    """`init_memory_gb="auto"`: the accumulators of a chunk get what a training step will need anyway.
-
-    Above the weights, a training step holds the adapter state, `r (in + out)` parameters per target times
-    (A and B, their gradients and the frozen A0, B0 of the correction in the adapter dtype, plus two AdamW
-    moments: 2 bytes for the paged 8-bit AdamW `optim: auto` picks on a GPU, 8 on a CPU), and one batch's
-    activations. The init holds, besides its accumulators, the same batch's activations (its passes checkpoint
-    as training does), the fp32 factors of every target and the SVD workspace of one layer. So
-
-        budget = min(HEADROOM * free - activations, adapter state) - fp32 factors - SVD workspace,
-
-    the first term keeping the init within the device's free memory (CUDA `mem_get_info`, CPU `MemAvailable`)
-    and the second within the training step. A budget below one block's accumulators plans one block per
-    chunk, the least any exact init needs. Every process uses rank 0's budget (the same chunks everywhere)."""
+                svd_niter: int | None, checkpointing: bool, free_bytes: int | None = None) -> Budget:
+    """`init_memory_gb="auto"`: the chunk's accumulators get the memory free on the targets' device (CUDA
+    `mem_get_info`, CPU `MemAvailable`) less this init's activations, fp32 factors and SVD workspace
+    (`free_budget`). Every process uses rank 0's budget (the same chunks everywhere)."""
     device = next(iter(targets.values())).weight.device
-    params = adapter_params(targets, r)
-    moments = 2 if device.type == "cuda" else 8
-    step = params * (3 * adapter_bytes + moments)
-    own = params * BYTES_FP32 + svd_workspace_bytes(targets, svd_niter, r)
+    width = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
+    activations = activation_bytes(getattr(model, "config", None), batch_tokens(batches), width, checkpointing)
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
-    room = HEADROOM * free - activation_bytes(model, batch_tokens(batches), checkpointing)
-    source = "training step projection" if step <= room else "free memory"
-    budget = Budget(max(min(step, room) - own, 0) / 2**30, source, step / 2**30, free / 2**30)
-    return distributed.broadcast_object(budget)
+    return distributed.broadcast_object(free_budget(free, activations, init_own_bytes(targets, r, svd_niter)))
 
 
 def plan_chunks(
@@ -167,5 +177,5 @@ def chunk_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
     """The budget `config.init_memory_gb` (a `QLoraGAConfig`) asks for: its number of GiB, or `auto_budget`."""
     if config.init_memory_gb != "auto":
         return Budget(float(config.init_memory_gb))
-    return auto_budget(model, targets, batches, r=config.r, adapter_bytes=config.torch_adapter_dtype.itemsize,
-                       svd_niter=config.svd_niter, checkpointing=config.gradient_checkpointing)
+    return auto_budget(model, targets, batches, r=config.r, svd_niter=config.svd_niter,
+                       checkpointing=config.gradient_checkpointing)

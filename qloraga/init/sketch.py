@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from qloraga import distributed
-from qloraga.estimate import backward_pass
-from qloraga.factors import Spectrum, fix_signs, layer_generator
+from qloraga.init.factors import Spectrum, fix_signs, layer_generator
+from qloraga.init.gradient import backward_pass
 
 
 class Sketch(NamedTuple):

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from tqdm.auto import tqdm
 
+from qloraga.errors import TrainingDiverged
 from qloraga.loading import model_device
 from qloraga.targets import block_index, decoder_blocks
 
@@ -178,7 +179,7 @@ def backward_pass(
                 inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss = model(**inputs, use_cache=False).loss
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"The loss of gradient batch {n_batches} is {loss.item()}: check "
+                    raise TrainingDiverged(f"The loss of gradient batch {n_batches} is {loss.item()}: check "
                                              "the data (every label masked?) and the model.")
                 loss.backward()
                 pairs.check_complete()

@@ -2,7 +2,7 @@
 
 - `adapter.gguf`: the rank-2r adapter `[A; A0]`, `[B, -B0]` (the LoRA-GA correction folded in) in llama.cpp's
   adapter format (`general.type = adapter`, `adapter.lora.alpha`), for a base GGUF of the same model;
-- `model-f16.gguf`, `model-q8_0.gguf`: the merged weights `deq(Wq) + delta` (export.merged_state, computed in
+- `model-f16.gguf`, `model-q8_0.gguf`: the merged weights `deq(Wq) + delta` (export.merged.merged_state, computed in
   fp32 and rounded once), with the tokenizer, its special tokens and the chat template in the metadata;
 - `Modelfile` for `ollama create`.
 
@@ -26,8 +26,9 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
 
-from qloraga.adapters import ADAPTER
-from qloraga.export import merged_state
+from qloraga.adapters import ADAPTER, PEFT_PREFIX, corrected_layers
+from qloraga.errors import GGUFExportError
+from qloraga.export.merged import merged_state
 
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp architecture
 PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")  # rows permuted for the `llama` architecture
@@ -36,10 +37,6 @@ LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{
                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
-
-
-class GGUFExportError(ValueError):
-    """This model or tokenizer cannot be written as GGUF; the message says why and what is supported."""
 
 
 def gguf_module():
@@ -279,14 +276,14 @@ def write_model_gguf(model: PeftModel, tokenizer, path: str | os.PathLike, kind:
 
 def lora_pairs(model: PeftModel) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """(module name, lora_A (2r, in), lora_B (out, 2r), scaling) of every LoRA layer, correction folded in."""
-    from qloraga.export import adapter_tensors
+    from qloraga.export.adapter import adapter_tensors
 
     base = model.get_base_model()
-    corrected = adapter_tensors(model) if any(hasattr(m, "qloraga_A0") for m in base.modules()) else {}
+    corrected = adapter_tensors(model) if corrected_layers(model) else {}
     for name, layer in base.named_modules():
         if not isinstance(layer, LoraLayer) or ADAPTER not in layer.lora_A:
             continue
-        key = f"base_model.model.{name}"
+        key = f"{PEFT_PREFIX}{name}"
         if f"{key}.lora_A.weight" in corrected:
             a, b = corrected[f"{key}.lora_A.weight"], corrected[f"{key}.lora_B.weight"]
         else:
@@ -411,14 +408,9 @@ def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: b
 
 def check_gguf_run(run) -> None:
     """Refuse a run whose model family or tokenizer GGUF export does not cover, before any weight is loaded."""
-    from transformers import AutoTokenizer
-
-    from qloraga.loading import causal_lm_config, model_source
+    from qloraga.loading import causal_lm_config
 
     architecture(causal_lm_config(run.config.model, run.config.trust_remote_code))
-    adapter = run.adapter_dir
-    source = adapter if (adapter / "tokenizer_config.json").exists() else model_source(run.config.model)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=run.config.trust_remote_code)
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec = json.loads(run.tokenizer().backend_tokenizer.to_str())
     if not sentencepiece_like(spec):
         pre_tokenizer(spec)

@@ -7,15 +7,26 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+import torch
 import yaml
 from torch import nn
 from transformers import AutoTokenizer
 
-from qloraga.chunks import plan_chunks, svd_workspace_bytes
-from qloraga.config import COMPUTE_DTYPES, RunConfig
+from qloraga.config import ADAPTER_DTYPES, COMPUTE_DTYPES, RunConfig
 from qloraga.data import CHAT_FORMATS, IGNORE, pack, prepare_tokenizer, render, resolve_format, tokenize
+from qloraga.init.chunks import (
+    activation_bytes,
+    adapter_params,
+    free_budget,
+    init_own_bytes,
+    moment_bytes,
+    plan_chunks,
+    training_step_bytes,
+)
 from qloraga.loading import model_source
+from qloraga.memory import free_memory_bytes
 from qloraga.preflight import check_run, model_skeleton
+from qloraga.presets import unique_parameters
 from qloraga.recipe import resolve_demo
 from qloraga.targets import find_target_layers
 
@@ -30,11 +41,13 @@ class MemoryEstimate:
     weights: float
     init: float
     training: float
+    chunks: int = 1
 
     def lines(self, cfg: RunConfig) -> list[str]:
         kind = f"4-bit NF4 + {cfg.dtype} rest" if cfg.load_in_4bit else cfg.dtype
         return [f"  weights ({kind}): {size(self.weights)}",
-                f"  LoRA-GA init (weights + a chunk's accumulators, --init-memory-gb, + one checkpointed batch): "
+                f"  init (weights + a chunk's accumulators, {self.chunks} chunk(s) at --init-memory-gb "
+                f"{cfg.lora_ga.init_memory_gb}, + factors, SVD workspace and one checkpointed batch): "
                 f"{size(self.init)}",
                 f"  training step (weights + adapters, gradients, AdamW + activations): {size(self.training)}"]
 
@@ -57,42 +70,36 @@ def weight_bytes(skeleton: nn.Module, cfg: RunConfig) -> float:
     of those); everything else in the compute dtype."""
     width = COMPUTE_DTYPES[cfg.dtype].itemsize
     four_bit = quantized(skeleton) if cfg.load_in_4bit else set()
-    total, seen = 0.0, set()
-    for name, module in skeleton.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n = p.numel()
-            total += n * (0.5 + 1 / 64 + 4 / (64 * 256)) if name in four_bit and pname == "weight" else n * width
+    total = 0.0
+    for full_name, p in unique_parameters(skeleton).items():  # a tied output embedding once
+        name, _, pname = full_name.rpartition(".")
+        n = p.numel()
+        total += n * (0.5 + 1 / 64 + 4 / (64 * 256)) if name in four_bit and pname == "weight" else n * width
     return total
 
 
 def estimate_memory(skeleton: nn.Module, cfg: RunConfig) -> MemoryEstimate:
-    config = skeleton.config
+    """Each phase from the model's config.json, with the init's and training's own memory model
+    (`init/chunks.py`); the auto budget plans on this machine's free memory less the weights."""
+    cuda = torch.cuda.is_available()
     width = COMPUTE_DTYPES[cfg.dtype].itemsize
-    targets = find_target_layers(skeleton, cfg.lora_ga.target_modules)
+    lora = cfg.lora_ga
+    targets = find_target_layers(skeleton, lora.target_modules)
     weights = weight_bytes(skeleton, cfg)
     tokens = cfg.batch_size * cfg.seq_len
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    inner = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
-    # Each block's input kept (checkpointing) + one block's activations recomputed + fp32 logits and their grad.
-    checkpointed = tokens * (hidden * layers + 4 * hidden + 3 * inner) * width + tokens * config.vocab_size * 8
-    full = tokens * (4 * hidden + 3 * inner) * width * layers + tokens * config.vocab_size * 8
-    adapter_width = 4 if cfg.lora_ga.adapter_dtype == "float32" else 2
-    factors = sum(cfg.lora_ga.r * (m.in_features + m.out_features) for m in targets.values())
-    # A, B with their gradients and two AdamW moments (fp32, or 8-bit for the paged 8-bit AdamW that --optim auto
-    # picks on a GPU), plus the frozen A0, B0 of the correction.
-    moments = 2 if cfg.optim == "auto" or "8bit" in cfg.optim else 8
-    adapters = factors * (adapter_width * 3 + moments)
-    budget = cfg.lora_ga.init_memory_gb
-    if budget == "auto":  # the training-step side of chunks.auto_budget (the free memory is not known here)
-        budget = max(adapters - 4 * factors - svd_workspace_bytes(targets, cfg.lora_ga.svd_niter, cfg.lora_ga.r),
-                     0) / GiB
-    chunks = plan_chunks(skeleton, targets, init_memory_gb=budget, chunk_blocks=cfg.lora_ga.chunk_blocks)
+    checkpointed = activation_bytes(skeleton.config, tokens, width, checkpointing=True)
+    activations = activation_bytes(skeleton.config, tokens, width, cfg.gradient_checkpointing)
+    adapters = training_step_bytes(adapter_params(targets, lora.r), ADAPTER_DTYPES[lora.adapter_dtype].itemsize,
+                                   moment_bytes(cfg.optim, cuda))
+    budget = lora.init_memory_gb
+    if budget == "auto":
+        free = max(free_memory_bytes(torch.device("cuda" if cuda else "cpu")) - int(weights), 0)
+        budget = free_budget(free, checkpointed, init_own_bytes(targets, lora.r, lora.svd_niter)).gb
+    chunks = plan_chunks(skeleton, targets, init_memory_gb=budget, chunk_blocks=lora.chunk_blocks)
     accumulators = max(sum(4 * targets[n].in_features * targets[n].out_features for n in c) for c in chunks)
-    activations = checkpointed if cfg.gradient_checkpointing else full
-    return MemoryEstimate(weights, weights + accumulators + checkpointed, weights + adapters + activations)
+    own = init_own_bytes(targets, lora.r, lora.svd_niter)
+    return MemoryEstimate(weights, weights + accumulators + own + checkpointed, weights + adapters + activations,
+                          len(chunks))
 
 
 def marked(segments: list[tuple[str, bool]]) -> str:
@@ -106,11 +113,13 @@ def marked(segments: list[tuple[str, bool]]) -> str:
     return "".join(out) + (MARK[1] if open_ else "")
 
 
-def dry_run(cfg: RunConfig) -> None:
+def dry_run(cfg: RunConfig, notes: list[str] = ()) -> None:
     """Print what `finetune(cfg)` would do and exit before any weight is loaded."""
     cfg = resolve_demo(cfg.validate())
     checked = check_run(cfg)
     print("[qloraga] dry run: nothing is loaded onto a device and nothing is written")
+    for line in notes:
+        print(f"[qloraga] {line}")
     print("resolved configuration:")
     print("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
 
@@ -140,7 +149,7 @@ def dry_run(cfg: RunConfig) -> None:
         print("memory estimate: not available (the model could not be built without weights)")
         return
     estimate = estimate_memory(skeleton, cfg)
-    params = sum(p.numel() for p in skeleton.parameters())
+    params = sum(p.numel() for p in unique_parameters(skeleton).values())
     print(f"memory estimate for {params / 1e6:.1f}M parameters, from config.json (the activations' share is an "
           "upper bound, see the README):")
     print("\n".join(estimate.lines(cfg)))

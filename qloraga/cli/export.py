@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the run's)")
     args = p.parse_args(argv)
     from qloraga.export import export_merged
-    from qloraga.gguf_export import check_gguf_run, export_gguf
+    from qloraga.export.gguf import check_gguf_run, export_gguf
     from qloraga.runs import load_run_model, open_run
 
     try:

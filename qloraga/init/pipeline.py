@@ -15,20 +15,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qloraga import distributed
-from qloraga.cache import FactorCache, fingerprint
-from qloraga.chunks import chunk_budget, plan_chunks, split_chunk
 from qloraga.config import QLoraGAConfig
-from qloraga.estimate import accumulate_chunk
-from qloraga.factors import (
+from qloraga.errors import InitOutOfMemory, TrainingDiverged
+from qloraga.init.cache import FactorCache, fingerprint
+from qloraga.init.chunks import chunk_budget, plan_chunks, split_chunk
+from qloraga.init.factors import (
     Spectrum,
     factors_from_singular_vectors,
     layer_generator,
     lora_one_from_spectrum,
     top_singular,
 )
+from qloraga.init.gradient import accumulate_chunk
+from qloraga.init.sketch import Sketch, sketched_singular_vectors
 from qloraga.loading import dequantized_weight
 from qloraga.memory import memory_kind, peak_memory_gb, reset_peak
-from qloraga.sketch import Sketch, sketched_singular_vectors
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -69,7 +70,7 @@ def factorise_layer(name: str, layer: nn.Linear, config: QLoraGAConfig,
     """One layer's (A0, B0) from its gradient (exact estimator) or its sketch; None for a zero gradient."""
     probe = source if isinstance(source, torch.Tensor) else source.norm
     if not torch.isfinite(probe).all():
-        raise FloatingPointError(f"The estimated gradient of {name} holds NaN or inf: nothing was written. "
+        raise TrainingDiverged(f"The estimated gradient of {name} holds NaN or inf: nothing was written. "
                                  "Check the data and the model (try fp32 compute or fewer tokens).")
     if not probe.any():
         return None
@@ -138,7 +139,7 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], chunks: list[lis
         except torch.OutOfMemoryError:
             halves = split_chunk(model, names)
             if halves is None:
-                raise MemoryError("Out of memory estimating the gradient of a single decoder block: use fewer "
+                raise InitOutOfMemory("Out of memory estimating the gradient of a single decoder block: use fewer "
                                   "or shorter gradient batches (--ga-batches, --seq-len).") from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -156,7 +157,7 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], chunks: list[lis
     return factors, zero_grad_layers, done
 
 
-def lora_ga_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
+def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
                  config: QLoraGAConfig) -> tuple[Factors, InitReport]:
     """`{layer name: (A0, B0)}` (fp32) for every target, and a report of the work done."""
     start = time.perf_counter()

@@ -1,0 +1,89 @@
+"""The portable PEFT adapter of a trained qloraga model (`export_adapter`), and the one rank-2r fold.
+
+The trained update is `s (B A - B0 A0)`, i.e. `s [B, -B0] [A; A0]`: a plain LoRA adapter of rank 2r
+with `lora_alpha` doubled (the same `s`), which upstream PEFT, vLLM and others load on the untouched
+base. `fold_correction` is that identity on tensors; a live model (`adapter_tensors`) and a training
+checkpoint (`runs.checkpoint_adapter`) both go through it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+
+from qloraga.adapters import A0_BUFFER, ADAPTER, B0_BUFFER, PEFT_PREFIX, corrected_layers, lora_config
+from qloraga.io import atomic_dir, save_tensors
+from qloraga.loading import disable_cpu_repacking
+from qloraga.targets import short_target_names
+
+
+def fold_correction(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(A, B)` trained from the frozen `(A0, B0)` -> the rank-2r pair `([A; A0], [B, -B0])`, whose product
+    `B A - B0 A0` is the trained update (at the same scaling once alpha is doubled with r)."""
+    return torch.cat([a, a0.to(a.dtype)], dim=0), torch.cat([b, -b0.to(b.dtype)], dim=1)
+
+
+def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
+    """PEFT-format tensors `<module>.lora_A.weight = [A; A0]`, `<module>.lora_B.weight = [B, -B0]`."""
+    tensors = {}
+    for name, layer in corrected_layers(model).items():
+        a, b = fold_correction(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+                               getattr(layer, A0_BUFFER), getattr(layer, B0_BUFFER))
+        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a.detach(), b.detach()
+    return tensors
+
+
+def adapter_config(model: PeftModel) -> LoraConfig:
+    layers = corrected_layers(model)
+    if not layers:
+        raise ValueError("This model has no qloraga adapters: build it with qloraga.get_qloraga_model.")
+    peft_config = model.peft_config[ADAPTER]
+    base = model.get_base_model()
+    names = [n.removeprefix(PEFT_PREFIX) for n in layers]
+    return lora_config(2 * peft_config.r, 2 * peft_config.lora_alpha, short_target_names(base, names),
+                       peft_config.lora_dropout, base_model_name_or_path=getattr(base, "name_or_path", None) or None)
+
+
+def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool | None = None,
+                   tokenizer=None) -> Path:
+    """Write a portable PEFT LoRA adapter: rank 2r with the correction folded in, or PEFT's own format for a
+    model without one (plain LoRA, LoRA-One). For a merged model, call `export_merged`.
+
+    The folder appears complete or not at all (written under a temporary name, then renamed).
+    `merged=True` (deprecated) still writes a merged model.
+    """
+    if merged is not None:
+        warnings.warn("export_adapter(..., merged=...) is deprecated: call qloraga.export_merged(model, out_dir) "
+                      "for a merged model, export_adapter(model, out_dir) for an adapter.",
+                      DeprecationWarning, stacklevel=2)
+        if merged:
+            from qloraga.export.merged import export_merged
+
+            return export_merged(model, out_dir, tokenizer=tokenizer)
+
+    def write(tmp: Path) -> None:
+        if not corrected_layers(model):  # plain LoRA or LoRA-One: PEFT's own format is already portable
+            model.save_pretrained(str(tmp))
+        else:
+            save_tensors(adapter_tensors(model), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+            adapter_config(model).save_pretrained(str(tmp))
+
+    return write_folder(model, out_dir, write, tokenizer)
+
+
+def write_folder(model: PeftModel, out_dir: str | os.PathLike, write: Callable[[Path], None],
+                 tokenizer=None) -> Path:
+    """`write(tmp)` into a temporary folder (and the tokenizer, if any), renamed to `out_dir` when complete."""
+    out_dir = Path(out_dir)
+    disable_cpu_repacking(model)
+    with atomic_dir(out_dir) as tmp:
+        write(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir

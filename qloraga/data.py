@@ -283,9 +283,9 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
         if ids and len(ids) + len(ex.input_ids) > seq_len:
             rows.append(Example(ids, labels, positions))
             ids, labels, positions = [], [], []
-        ids = [*ids, *ex.input_ids]
-        labels = [*labels, IGNORE, *ex.labels[1:]]
-        positions = [*positions, *range(len(ex.input_ids))]
+        ids += ex.input_ids  # extended in place: linear in the row's length
+        labels += [IGNORE, *ex.labels[1:]]
+        positions += range(len(ex.input_ids))
     if ids:
         rows.append(Example(ids, labels, positions))
     return rows

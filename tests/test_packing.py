@@ -68,6 +68,28 @@ def test_packed_per_sample_losses_equal_unpacked(tiny_model_dir, family):
     assert max(abs(a - b) for a, b in zip(leaked, unpacked, strict=True)) > 1e-3  # the test can tell
 
 
+def reference_pack(examples: list[Example], seq_len: int) -> list[Example]:
+    """First fit in order, stated plainly: group the samples, then join each group."""
+    groups: list[list[Example]] = []
+    for ex in examples:
+        if groups and sum(len(e.input_ids) for e in groups[-1]) + len(ex.input_ids) <= seq_len:
+            groups[-1].append(ex)
+        else:
+            groups.append([ex])
+    return [Example([t for e in g for t in e.input_ids],
+                    [label for e in g for label in [IGNORE, *e.labels[1:]]],
+                    [p for e in g for p in range(len(e.input_ids))]) for g in groups]
+
+
+@pytest.mark.parametrize(("n", "seq_len"), [(9, SEQ_LEN), (1, SEQ_LEN), (40, 12), (300, 4096)])
+def test_pack_equals_a_plain_first_fit(n, seq_len):
+    """Against a straightforward reference, also with hundreds of samples in one row (the long rows pack
+    builds in one pass) and with samples longer than the row (each alone in a row)."""
+    examples = samples(n, seed=n)
+    assert pack(examples, seq_len) == reference_pack(examples, seq_len)
+    assert pack([], seq_len) == []
+
+
 def test_collated_packed_rows_restart_positions_and_pad_as_their_own_sample():
     rows = pack(samples(), SEQ_LEN)
     batch = Collator(pad_token_id=0)(rows)

@@ -50,6 +50,18 @@ class MetricsLog(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one device sync rather than one per tensor:
+    each tensor's largest |x| in one fused call (a max cannot overflow; NaN and inf carry through), checked
+    together."""
+    tensors = [t.detach() for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    peaks = torch._foreach_norm(tensors, float("inf"))
+    device = peaks[0].device
+    return bool(torch.isfinite(torch.stack([p.float().to(device) for p in peaks])).all())
+
+
 class StopOnNonFiniteLoss(TrainerCallback):
     """Checks the trainable weights after every optimizer step; at the first NaN/inf it stops training
     without saving, so the newest checkpoint is the last good one."""
@@ -59,7 +71,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         trainable = [p for p in model.parameters() if p.requires_grad] if model is not None else []
-        if any(not torch.isfinite(p).all() for p in trainable):
+        if not all_finite(trainable):
             self.bad_step = state.global_step
             control.should_training_stop = True
             control.should_save = False

@@ -194,6 +194,40 @@ def test_nan_during_training_stops_and_keeps_the_last_good_checkpoint(tiny_model
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def stop_step(model: torch.nn.Module) -> int | None:
+    """The step StopOnNonFiniteLoss flags after one optimizer step on `model` (None: it trains on)."""
+    from transformers import TrainerControl, TrainerState
+
+    guard, control = training.StopOnNonFiniteLoss(), TrainerControl()
+    guard.on_step_end(None, TrainerState(global_step=7), control, model=model)
+    assert control.should_training_stop == (guard.bad_step is not None)
+    return guard.bad_step
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_nan_guard_catches_one_bad_element_in_any_trainable_tensor(bad):
+    """One fused check over every trainable tensor, whatever its dtype: one bad element in any single one
+    stops training; large finite fp16/bf16 values (whose squares would overflow) and a NaN in a frozen
+    weight do not."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4).to(torch.bfloat16),
+                                torch.nn.Linear(4, 4).to(torch.float16), torch.nn.Linear(4, 2))
+    model[3].requires_grad_(False)
+    with torch.no_grad():
+        model[2].weight.fill_(60000.0)
+        model[1].weight.fill_(1e30)
+        model[3].weight[0, 0] = float("nan")
+    assert stop_step(model) is None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        keep = param.detach().clone()
+        with torch.no_grad():
+            param.view(-1)[-1] = bad
+        assert stop_step(model) == 7, param.shape
+        with torch.no_grad():
+            param.copy_(keep)
+    assert len(trainable) == 6 and stop_step(model) is None
+
+
 # ----------------------------------------------------------------------------------------- interruption
 def cli(model, data, out, *extra):
     """The command as a user runs it, in a fresh process."""

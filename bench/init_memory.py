@@ -137,8 +137,18 @@ def short(name: str) -> str:
 
 def run_main(args, spec) -> dict:
     """(a), (a') with the default budget, (b), (c) and the `import` baseline; their ratios against the goals."""
-    layers = common.SHAPES[args.shape]["num_hidden_layers"]
-    budget = 1.01 * args.chunk_blocks * block_gb(args.shape, layers)
+    if args.model:  # a real checkpoint: its own block size
+        from transformers import AutoConfig
+
+        from qloraga.loading import model_source
+
+        config = AutoConfig.from_pretrained(model_source(args.model))
+        layers = config.num_hidden_layers
+        block = 4 * common.count_params(config)["block_linear"] / layers / 2**30
+    else:
+        layers = common.SHAPES[args.shape]["num_hidden_layers"]
+        block = block_gb(args.shape, layers)
+    budget = 1.01 * args.chunk_blocks * block
     configs = {
         "import": spec("import", args.shape),
         "(a) qloraga 4-bit, chunked": spec("qloraga", args.shape, init_memory_gb=budget),

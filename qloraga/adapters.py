@@ -22,6 +22,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
 from qloraga.config import QLoraGAConfig
+from qloraga.errors import ConfigError, DataError
 from qloraga.init.pipeline import Factors, initial_factors
 from qloraga.loading import disable_cpu_repacking
 from qloraga.targets import find_target_layers
@@ -127,8 +128,8 @@ def corrected_layers(model: nn.Module) -> dict[str, LoraLayer]:
 
 def check_batches(batches: Iterable[dict]) -> None:
     if isinstance(batches, Sized) and len(batches) == 0:
-        raise ValueError("batches is empty: LoRA-GA needs at least one batch (a dict with input_ids, "
-                         "attention_mask and labels) to estimate the gradient.")
+        raise DataError("batches is empty: LoRA-GA needs at least one batch (a dict with input_ids, "
+                        "attention_mask and labels) to estimate the gradient.")
     if iter(batches) is batches:
         raise ValueError("batches must be re-iterable (a list or a DataLoader), not an iterator: each "
                          "chunk of decoder blocks makes one pass over it.")
@@ -139,8 +140,8 @@ def check_target_rank(targets: dict[str, nn.Linear], r: int, directions: int) ->
     smallest = min(min(m.out_features, m.in_features) for m in targets.values())
     if directions > smallest:
         name = min(targets, key=lambda n: min(targets[n].out_features, targets[n].in_features))
-        raise ValueError(f"r={r} is too large: the init uses {directions} singular directions and the smallest "
-                         f"target dimension is {smallest} ({name}). Use r <= {smallest * r // directions}.")
+        raise ConfigError(f"r={r} is too large: the init uses {directions} singular directions and the smallest "
+                          f"target dimension is {smallest} ({name}). Use r <= {smallest * r // directions}.")
 
 
 def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig) -> PeftModel:

@@ -13,6 +13,8 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 
+from qloraga.errors import ConfigError
+
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -62,8 +64,8 @@ def shard(batches: Iterable) -> Iterable:
     if not active():
         return batches
     if len(batches) < world_size():
-        raise ValueError(f"{len(batches)} gradient batches for {world_size()} processes: give at least one "
-                         "batch per process (raise --ga-batches).")
+        raise ConfigError(f"{len(batches)} gradient batches for {world_size()} processes: give at least one "
+                          "batch per process (raise --ga-batches).")
     return Shard(batches, rank(), world_size())
 
 

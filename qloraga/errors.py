@@ -2,7 +2,8 @@
 
 Each is something a user can cause and fix, so its message names the input and the fix; the `qloraga` command
 prints it as one line without a traceback (`QLORAGA_DEBUG=1` shows it) and exits with the class's code.
-`ConfigError` and `DataError` are also `ValueError`s, as before they had a base of their own.
+`ConfigError`, `DataError`, `ModelSourceError` and `GGUFExportError` are also `ValueError`s, as the errors they
+replace were.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class DataError(QLoraGAError, ValueError):
 
 
 class ModelSourceError(QLoraGAError, ValueError):
-    """A model (folder, file, or checkpoint) that cannot be read as given: missing, damaged or unsafe."""
+    """A model (folder, file, checkpoint, or model object passed in) that cannot be used as given: missing,
+    damaged, unsafe, of an unsupported kind, or without the adapters asked for."""
 
 
 class GGUFExportError(QLoraGAError, ValueError):

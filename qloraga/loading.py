@@ -28,7 +28,8 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig
+from qloraga.config import COMPUTE_DTYPES, QUANT_STORAGE, RunConfig, option
+from qloraga.errors import ConfigError, ModelSourceError
 from qloraga.io import atomic_dir
 
 
@@ -56,9 +57,9 @@ def check_4bit_support(device: str | None = None) -> None:
     try:
         bnb.functional.quantize_4bit(torch.ones(64, 64, dtype=torch.bfloat16, device=device), quant_type="nf4")
     except Exception as exc:  # bitsandbytes fails in many ways on an unsupported platform
-        raise ValueError(f"4-bit loading needs bitsandbytes' NF4 kernels on {device}, which fail here "
-                         f"({type(exc).__name__}: {exc}). Install a bitsandbytes build for this platform "
-                         "(pip install 'bitsandbytes>=0.46'), or drop --4bit to train on a bf16 base.") from exc
+        raise ConfigError(f"4-bit loading needs bitsandbytes' NF4 kernels on {device}, which fail here "
+                          f"({type(exc).__name__}: {exc}). Install a bitsandbytes build for this platform "
+                          "(pip install 'bitsandbytes>=0.46'), or drop --4bit to train on a bf16 base.") from exc
 
 
 def looks_like_path(name_or_path: str) -> bool:
@@ -76,13 +77,14 @@ def model_source(name_or_path: str | os.PathLike) -> str:
         return name
     path = Path(name).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"Model path {name!r} does not exist: give a folder made by save_pretrained "
-                                "(with config.json), a .gguf file or a hub name.")
+        raise ConfigError(f"{option('model')} {name!r} does not exist: give a folder made by save_pretrained "
+                          "(with config.json), a .gguf file or a hub name.")
     gguf = gguf_file(path)
     if gguf is not None:
         return str(gguf_model_folder(gguf))
     if not (path / "config.json").exists():
-        raise ValueError(f"{name!r} has no config.json (nor a .gguf file): it is not a transformers model folder.")
+        raise ModelSourceError(f"{name!r} has no config.json (nor a .gguf file): it is not a transformers model "
+                               "folder.")
     return str(path)
 
 
@@ -94,8 +96,8 @@ def gguf_file(path: Path) -> Path | None:
         return None
     found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
     if len(found) > 1:
-        raise ValueError(f"{str(path)!r} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}): "
-                         "give the path of the one to load, e.g. --model " + str(found[0]))
+        raise ModelSourceError(f"{str(path)!r} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}): "
+                               "give the path of the one to load, e.g. --model " + str(found[0]))
     return found[0] if found else None
 
 
@@ -118,8 +120,8 @@ def gguf_model_folder(file: str | os.PathLike) -> Path:
     if (target / "config.json").exists():
         return target
     if importlib.util.find_spec("gguf") is None:
-        raise ValueError(f"Loading {str(file)!r} needs the gguf package for transformers' GGUF reader: "
-                         "pip install 'gguf>=0.10,<1' (or pip install 'qloraga[real]').")
+        raise ModelSourceError(f"Loading {str(file)!r} needs the gguf package for transformers' GGUF reader: "
+                               "pip install 'gguf>=0.10,<1' (or pip install 'qloraga[real]').")
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{target.name}.lock"):
         if not (target / "config.json").exists():  # another process may have converted it meanwhile
@@ -157,10 +159,10 @@ def convert_gguf(file: Path, out: str | os.PathLike) -> None:
             quantization_config=GgufConfig(gguf_file=name, dequantize=True))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, NotImplementedError, KeyError) as exc:
-        raise ValueError(f"transformers {transformers.__version__} cannot load the GGUF file {str(file)!r} "
-                         f"({type(exc).__name__}: {exc}). Give the model's original transformers folder or "
-                         "hub name instead (GGUF support depends on the architecture and the transformers "
-                         "version).") from exc
+        raise ModelSourceError(f"transformers {transformers.__version__} cannot load the GGUF file {str(file)!r} "
+                               f"({type(exc).__name__}: {exc}). Give the model's original transformers folder or "
+                               "hub name instead (GGUF support depends on the architecture and the transformers "
+                               "version).") from exc
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -170,8 +172,8 @@ def causal_lm_config(name_or_path: str | os.PathLike, trust_remote_code: bool = 
     name = model_source(name_or_path)
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise ValueError(f"{name!r} is a {config.model_type!r} model, not a causal language model: qloraga "
-                         "fine-tunes decoder-only LMs (those AutoModelForCausalLM loads).")
+        raise ModelSourceError(f"{name!r} is a {config.model_type!r} model, not a causal language model: qloraga "
+                               "fine-tunes decoder-only LMs (those AutoModelForCausalLM loads).")
     return config
 
 

@@ -25,6 +25,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from qloraga.config import SCALED_OPTIMIZERS, check_choice
+from qloraga.errors import ConfigError
 
 LoraPair = tuple[nn.Parameter, nn.Parameter]  # (A: r x in, B: out x r)
 
@@ -82,7 +83,7 @@ def scaled_optimizer(model: nn.Module, name: str, lr: float, *, weight_decay: fl
     params = [p for p in model.parameters() if p.requires_grad]
     pairs = lora_pairs(model)
     if not pairs:
-        raise ValueError(f"--optim {name} preconditions LoRA adapters, and this model has no trainable LoRA "
-                         "layer: use --optim adamw_torch for full fine-tuning.")
+        raise ConfigError(f"--optim {name} preconditions LoRA adapters, and this model has no trainable LoRA "
+                          "layer: use --optim adamw_torch for full fine-tuning.")
     cls = ScaledAdamW if name == "scaled_adamw" else ScaledSGD
     return cls(params, pairs, precond_eps=precond_eps, lr=lr, weight_decay=weight_decay)

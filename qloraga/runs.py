@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 from qloraga.config import RunConfig
+from qloraga.errors import ModelSourceError, RunError
 from qloraga.io import save_json, save_tensors
 
 
@@ -57,8 +58,8 @@ def open_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     config_file = path / "config.yaml"
     if not config_file.exists():
-        raise FileNotFoundError(f"{path} is not a qloraga run folder: it has no config.yaml (give the "
-                                "--output-dir of scripts/finetune.py).")
+        raise RunError(f"{path} is not a qloraga run folder: it has no config.yaml (give the "
+                       "--output-dir of scripts/finetune.py).")
     return Run(path, RunConfig.from_dict(yaml.safe_load(config_file.read_text())))
 
 
@@ -96,8 +97,8 @@ def cached_factors(run: Run) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     folder = Path(run.config.lora_ga.cache_dir or run.path / "lora_ga_cache")
     by_key = FactorCache.by_fingerprint(folder)
     if len(by_key) > 1:
-        raise ValueError(f"{folder} holds factors of {len(by_key)} different initialisations: cannot tell which "
-                         "one this checkpoint was trained from.")
+        raise RunError(f"{folder} holds factors of {len(by_key)} different initialisations: cannot tell which "
+                       "one this checkpoint was trained from.")
     return next(iter(by_key.values()), {})
 
 
@@ -117,9 +118,10 @@ def corrected_tensors(tensors: dict[str, torch.Tensor], factors: dict[str, tuple
         else:
             short = module.removeprefix(PEFT_PREFIX)
             if short not in factors:
-                raise ValueError(f"The checkpoint has no LoRA-GA correction for {short} (no {A0_BUFFER} buffer, and "
-                                 "the run's lora_ga_cache/ has no factors for it): without it the checkpoint's "
-                                 "adapter is not what was trained. Use the run's final adapter/ instead.")
+                raise ModelSourceError(f"The checkpoint has no LoRA-GA correction for {short} (no {A0_BUFFER} buffer, "
+                                       "and the run's lora_ga_cache/ has no factors for it): without it the "
+                                       "checkpoint's adapter is not what was trained. Use the run's final "
+                                       "adapter/ instead.")
             a0, b0 = factors[short]
         out[key], out[f"{module}.lora_B.weight"] = fold_correction(a, tensors[f"{module}.lora_B.weight"], a0, b0)
     return out
@@ -133,8 +135,8 @@ def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
     src = run.checkpoint_dir(step)
     if not (src / "adapter_model.safetensors").exists():
         have = available_checkpoints(run)
-        raise FileNotFoundError(f"{src} holds no adapter. Checkpoints of this run: "
-                                f"{', '.join(map(str, have)) if have else 'none'}.")
+        raise RunError(f"{src} holds no adapter. Checkpoints of this run: "
+                       f"{', '.join(map(str, have)) if have else 'none'}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(src / "adapter_model.safetensors"))
@@ -166,8 +168,8 @@ def load_run_model(run: Run, checkpoint: int | None = None, base_only: bool = Fa
     if checkpoint is None:
         if not (run.adapter_dir / "adapter_config.json").exists():
             have = available_checkpoints(run)
-            raise FileNotFoundError(f"{run.path} has no adapter/ (the run did not finish): pass --checkpoint N "
-                                    f"(checkpoints: {', '.join(map(str, have)) if have else 'none'}).")
+            raise RunError(f"{run.path} has no adapter/ (the run did not finish): pass --checkpoint N "
+                           f"(checkpoints: {', '.join(map(str, have)) if have else 'none'}).")
         model = PeftModel.from_pretrained(model, run.adapter_dir)  # adapters in fp32, as the presets train them
     else:
         with tempfile.TemporaryDirectory(prefix="qloraga-ckpt-") as tmp:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from qloraga.errors import ConfigError, ModelSourceError
+
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder blocks: the longest `ModuleList` whose items hold linear layers."""
@@ -16,8 +18,8 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no stack of decoder blocks (an nn.ModuleList of "
-                         "layers holding linear layers): qloraga works on decoder-only causal LMs.")
+        raise ModelSourceError(f"{type(model).__name__} has no stack of decoder blocks (an nn.ModuleList of "
+                               "layers holding linear layers): qloraga works on decoder-only causal LMs.")
     return best
 
 
@@ -39,8 +41,8 @@ def find_target_layers(model: nn.Module, target_modules: list[str] | None = None
         chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in target_modules)]
     if not chosen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(f"No linear layer matches target_modules={target_modules!r}. This model's linear "
-                         f"layers are named {leaves}: pass some of those (or None for all projections).")
+        raise ConfigError(f"No linear layer matches target_modules={target_modules!r}. This model's linear "
+                          f"layers are named {leaves}: pass some of those (or None for all projections).")
     modules = dict(model.named_modules())
     return {name: modules[name] for name in chosen}
 

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qloraga.config import SCALED_OPTIMIZERS, RunConfig, resolve_optim
 from qloraga.data import Collator, Example
+from qloraga.errors import RunInterrupted
 from qloraga.io import atomic_file
 from qloraga.optim import scaled_optimizer
 
@@ -90,7 +91,7 @@ class GracefulInterrupt(TrainerCallback):
 
     def handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise RunInterrupted("a second Ctrl-C stopped the run at once")
         self.requested = True
         print("\n[qloraga] Ctrl-C: saving a checkpoint after this step (press again to stop at once)", flush=True)
 

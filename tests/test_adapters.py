@@ -12,6 +12,7 @@ from reference import autograd_grads, dequantized_fp32_copy
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
 from qloraga.adapters import ResidualCorrection, corrected_layers
 from qloraga.config import DIRECTIONS
+from qloraga.errors import ConfigError
 from qloraga.loading import dequantized_weight
 
 
@@ -233,7 +234,7 @@ def test_unknown_config_key_is_refused():
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"--model / model .* does not exist"):
         load_model(tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"config\.json"):
         load_model(tmp_path)

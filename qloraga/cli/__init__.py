@@ -22,9 +22,14 @@ COMMANDS = {
 }
 
 
-def run_command(job: Callable[[], object]) -> int:
-    """Run one subcommand's work: a user's error is one line on stderr and the error's exit code (2; 130 for
-    Ctrl-C), never a traceback from deep inside a library; `QLORAGA_DEBUG=1` shows the traceback."""
+RESUME_HINT = "rerun the same command with --resume to continue from the last checkpoint"
+
+
+def run_command(job: Callable[[], object], interrupted: str = RESUME_HINT) -> int:
+    """Run one subcommand's work, as every `qloraga` subcommand does: a user's error (a `QLoraGAError`, a file
+    the user named that cannot be read, a pickle refused) is one line on stderr and the error's exit code (2;
+    130 for Ctrl-C, then `interrupted` says what to do), never a traceback from deep inside a library;
+    `QLORAGA_DEBUG=1` shows the traceback. Any other exception is a bug and keeps its traceback."""
     from qloraga.errors import QLoraGAError, RunInterrupted
 
     try:
@@ -36,10 +41,9 @@ def run_command(job: Callable[[], object]) -> int:
               "with torch.load(weights_only=True); delete the suspicious file.", file=sys.stderr)
         return 2
     except (RunInterrupted, KeyboardInterrupt) as exc:
-        print(f"\ninterrupted{f' ({exc})' if str(exc) else ''}: rerun the same command with --resume to "
-              "continue from the last checkpoint", file=sys.stderr)
+        print(f"\ninterrupted{f' ({exc})' if str(exc) else ''}: {interrupted}", file=sys.stderr)
         return RunInterrupted.exit_code
-    except (QLoraGAError, OSError, ValueError) as exc:  # OSError: a file the user named is missing or unreadable
+    except (QLoraGAError, OSError) as exc:  # OSError: a file the user named is missing or unreadable
         if os.environ.get("QLORAGA_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

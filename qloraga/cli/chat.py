@@ -9,7 +9,6 @@ Type /reset to start a new conversation, /exit (or Ctrl-D) to leave.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -87,28 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from transformers import set_seed
 
+    from qloraga.cli import run_command
     from qloraga.runs import load_run_model, open_run
 
-    try:
+    def job() -> None:
         run = open_run(args.run)
         model, tokenizer = load_run_model(run, checkpoint=args.checkpoint, base_only=args.base_only,
                                           dtype=args.dtype)
-    except (ValueError, OSError) as exc:
-        if os.environ.get("QLORAGA_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.seed is not None:
-        set_seed(args.seed)
-    what = "the base alone" if args.base_only else (
-        f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the fine-tuned adapter")
-    print(f"[qloraga] {run.config.model} with {what}", file=sys.stderr)
-    chat = Chat(model, tokenizer, args)
-    if args.prompt is not None:
-        chat.reply(args.prompt)
-    else:
-        interactive(chat)
-    return 0
+        if args.seed is not None:
+            set_seed(args.seed)
+        what = "the base alone" if args.base_only else (
+            f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the fine-tuned adapter")
+        print(f"[qloraga] {run.config.model} with {what}", file=sys.stderr)
+        chat = Chat(model, tokenizer, args)
+        if args.prompt is not None:
+            chat.reply(args.prompt)
+        else:
+            interactive(chat)
+
+    return run_command(job, interrupted="stopped")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ import sys
 from peft import PeftModel
 from transformers import AutoTokenizer
 
+from qloraga.cli import run_command
 from qloraga.config import DEMO_EVAL, DEMO_MODEL
-from qloraga.data import Collator, DataError, prepare_tokenizer, read_records, tokenize
+from qloraga.data import Collator, prepare_tokenizer, read_records, tokenize
+from qloraga.errors import ConfigError
 from qloraga.evaluation import exact_match, held_out_loss
 from qloraga.loading import load_model, model_source
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--run loads the run's base and adapter: drop --model, --adapter and --4bit")
     if args.checkpoint is not None and not args.run:
         p.error("--checkpoint needs --run")
-    try:
+    def job() -> None:
         if args.run:
             from qloraga.runs import load_run_model, open_run
 
@@ -50,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = run.config
             dataset = args.dataset or cfg.eval_dataset
             if dataset is None:
-                raise ValueError(f"The run {args.run} held out a split of its training data (no eval_dataset): "
-                                 "pass --dataset.")
+                raise ConfigError(f"The run {args.run} held out a split of its training data (no eval_dataset): "
+                                  "pass --dataset.")
             fmt = args.dataset_format or cfg.dataset_format
             records = read_records(dataset)
             model, tokenizer = load_run_model(run, checkpoint=args.checkpoint)
@@ -70,11 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             "accuracy": exact_match(model, tokenizer, records, fmt, max_samples=args.eval_samples),
             "samples": len(examples),
         }
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0
+        print(json.dumps(result, indent=2))
+
+    return run_command(job, interrupted="stopped; nothing was written")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --format gguf: also write base-f16.gguf, the dequantized base adapter.gguf applies to")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the run's)")
     args = p.parse_args(argv)
+    from qloraga.cli import run_command
     from qloraga.export import export_merged
     from qloraga.export.gguf import check_gguf_run, export_gguf
     from qloraga.runs import load_run_model, open_run
 
-    try:
+    def job() -> None:
         run = open_run(args.run)
         if args.format == "gguf":  # refuse an unsupported family or tokenizer before loading any weight
             check_gguf_run(run)
@@ -40,13 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             written = export_gguf(model, tokenizer, out, base=args.gguf_base)
             print(f"GGUF files written to {out}: {', '.join(p.name for p in written)}."
                   + (f" Ollama: cd {out} && ollama create NAME -f Modelfile" if len(written) > 1 else ""))
-            return 0
+            return
         out = export_merged(model, args.output or run.path / "merged", tokenizer=tokenizer)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"merged model written to {out}")
-    return 0
+        print(f"merged model written to {out}")
+
+    return run_command(job, interrupted="stopped; nothing was written")
 
 
 if __name__ == "__main__":

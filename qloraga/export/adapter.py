@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel
 
 from qloraga.adapters import A0_BUFFER, ADAPTER, B0_BUFFER, PEFT_PREFIX, corrected_layers, lora_config
+from qloraga.errors import ModelSourceError
 from qloraga.io import atomic_dir, save_tensors
 from qloraga.loading import disable_cpu_repacking
 from qloraga.targets import short_target_names
@@ -42,7 +43,7 @@ def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
 def adapter_config(model: PeftModel) -> LoraConfig:
     layers = corrected_layers(model)
     if not layers:
-        raise ValueError("This model has no qloraga adapters: build it with qloraga.get_qloraga_model.")
+        raise ModelSourceError("This model has no qloraga adapters: build it with qloraga.get_qloraga_model.")
     peft_config = model.peft_config[ADAPTER]
     base = model.get_base_model()
     names = [n.removeprefix(PEFT_PREFIX) for n in layers]
@@ -80,6 +81,9 @@ def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool | 
 def write_folder(model: PeftModel, out_dir: str | os.PathLike, write: Callable[[Path], None],
                  tokenizer=None) -> Path:
     """`write(tmp)` into a temporary folder (and the tokenizer, if any), renamed to `out_dir` when complete."""
+    if not isinstance(model, PeftModel):  # a plain model would be written whole, as if it were the adapter
+        raise ModelSourceError(f"This {type(model).__name__} has no adapters to export: build it with "
+                               "qloraga.get_qloraga_model (or load a run with qloraga.runs.load_run_model).")
     out_dir = Path(out_dir)
     disable_cpu_repacking(model)
     with atomic_dir(out_dir) as tmp:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from tqdm.auto import tqdm
 
-from qloraga.errors import TrainingDiverged
+from qloraga.errors import DataError, TrainingDiverged
 from qloraga.loading import model_device
 from qloraga.targets import block_index, decoder_blocks
 
@@ -190,8 +190,8 @@ def backward_pass(
         for handle in handles:
             handle.remove()
     if n_batches == 0:
-        raise ValueError("The gradient batches are empty: pass at least one batch (a dict with input_ids, "
-                         "attention_mask and labels).")
+        raise DataError("The gradient batches are empty: pass at least one batch (a dict with input_ids, "
+                        "attention_mask and labels).")
     return n_batches
 
 

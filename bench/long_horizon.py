@@ -27,8 +27,8 @@ import convergence
 import real_convergence as rc
 
 TASK = "debian"
-# The settings a saved run depends on: a JSON made with other values is not resumed from.
-SETTINGS = ("lrs", "steps", "eval_steps", "held_out_from_train", "batch_size", "grad_batches", "r")
+# The settings a run's result depends on (with its rate and seed): runs saved under other values are not reused.
+SETTINGS = ("steps", "eval_steps", "held_out_from_train", "batch_size", "grad_batches", "r")
 
 
 def held_out_task(task: rc.Task, from_train: int) -> rc.Task:
@@ -55,15 +55,18 @@ def run_method(method: str, task: rc.Task, args, base_path: str, suffix: str) ->
     cut short, it leaves the most useful part done: three seeds at the first rate."""
     path = result_path(args.out, method, suffix)
     settings = {k: getattr(args, k) for k in SETTINGS}
-    old = json.loads(path.read_text()) if path.exists() else {}
-    done = {(r["lr"], r["seed"]): r for r in old.get("runs", [])} if old.get("settings") == settings else {}
+    done = {}
+    for saved in [path, *args.resume_from]:
+        old = json.loads(saved.read_text()) if saved.exists() else {}
+        if old.get("method") == method and all(old["settings"].get(k) == v for k, v in settings.items()):
+            done.update({(r["lr"], r["seed"]): r for r in old["runs"]})
     runs: dict[tuple[float, int], dict] = {}
 
     def run(lr: float, seed: int) -> None:
         if (lr, seed) not in runs:
             runs[lr, seed] = done.get((lr, seed)) or rc.train_run(task, method, lr, seed, args, base_path)
         tried = [r for r in runs.values() if r["seed"] == 0]
-        payload = {"task": TASK, "method": method, "settings": settings, "seeds": args.seeds,
+        payload = {"task": TASK, "method": method, "settings": settings, "lrs": args.lrs, "seeds": args.seeds,
                    "held_out": len(task.test), "val": len(task.val), "train_pool": len(task.train),
                    "chosen": min(tried, key=lambda r: r["val_loss"])["lr"] if tried else None,
                    "rates_tried": [r["lr"] for r in tried], "runs": list(runs.values())}
@@ -129,6 +132,8 @@ def main() -> None:
     p.add_argument("--method", choices=list(rc.METHODS), help="the method this process runs")
     p.add_argument("--lrs", type=float, nargs="+",
                    help="its rates, best first (every seed at the first, seed 0 at the others)")
+    p.add_argument("--resume-from", type=Path, nargs="*", default=[],
+                   help="other JSON files of this method whose runs count as done (a rate run apart)")
     p.add_argument("--report", action="store_true", help="only the table and plot from the saved JSON files")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=60)

@@ -41,7 +41,7 @@ def server(tmp_path):
     # One thread per process: the server, the run and the browser share CI's two cores, and torch's threads
     # spinning against each other made the demo's steps 40x slower on a busy machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "qloraga.ui.server", "--runs", str(runs), "--port", "0"],
+    process = subprocess.Popen([sys.executable, "-m", "qloraga", "ui", "--runs", str(runs), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                                env=env)
     line = ""
@@ -115,12 +115,29 @@ class Page:
         self.el(f"#{elem_id}").click()
 
     def tab(self, label: str) -> None:
-        self.wait(lambda: next(b for b in self.d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
-                               if b.text.strip() == label), message=f"tab {label}").click()
+        self.wait(lambda: next((b for b in self.d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+                               if b.text.strip() == label), None), message=f"tab {label}").click()
 
     def screenshot(self, name: str) -> None:
-        if self.shots is not None:
-            self.d.save_screenshot(str(self.shots / f"ui-{name}.png"))
+        """The whole page (the window grown to its height), for the README."""
+        if self.shots is None:
+            return
+        self.d.execute_script("window.scrollTo(0, 0)")
+        height = self.d.execute_script("return document.documentElement.scrollHeight")
+        self.d.set_window_size(1400, min(height + 120, 2600))
+        time.sleep(1)
+        self.d.save_screenshot(str(self.shots / f"ui-{name}.png"))
+        self.d.set_window_size(1400, 1100)
+
+
+def line_pixels(png: bytes) -> int:
+    """Pixels of the plot's coloured lines (axes, grid and labels are grey)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return sum(max(p) - min(p) > 80 for p in image.getdata())
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -148,11 +165,20 @@ def test_page_end_to_end(server, browser, tmp_path):
     # A short run: a loss point every 3 steps, checkpoints only when stopped, a small held-out set.
     eval_records = (Path(__file__).parents[1] / "qloraga/demo/data/eval.jsonl").read_text().splitlines()
     (tmp_path / "eval16.jsonl").write_text("\n".join(eval_records[:16]) + "\n")
-    page.click("all-settings")
+    accordion = (By.XPATH, "//*[@id='all-settings']//*[normalize-space(text())='All settings']")
+    browser.find_element(*accordion).click()
     for key, value in {"max_steps": 100, "logging_steps": 3, "eval_steps": 50, "save_steps": 1000,
                        "eval_samples": 4, "ga_batches": 2, "eval_dataset": tmp_path / "eval16.jsonl"}.items():
         page.type(f"field-{key}", value)
     page.type("run-name", "browser-demo")
+    # The training data as an upload: stored inside the runs folder, and the dataset field names it.
+    demo_data = Path(__file__).parents[1] / "qloraga/demo/data"
+    shutil.copyfile(demo_data / "train.jsonl", tmp_path / "arith.jsonl")
+    page.el("#upload input[type=file]").send_keys(str(tmp_path / "arith.jsonl"))
+    uploaded = Path(page.wait(lambda: "arith.jsonl" in page.value("dataset") and page.value("dataset"),
+                              message="the upload in the dataset field"))
+    assert uploaded.parent == runs.resolve() / ".ui" / "uploads"
+    assert uploaded.read_bytes() == (demo_data / "train.jsonl").read_bytes()
 
     # Preview: data statistics, memory per phase, two examples with the trained span marked.
     page.click("preview")
@@ -164,8 +190,7 @@ def test_page_end_to_end(server, browser, tmp_path):
         trained = browser.find_elements(By.CSS_SELECTOR, f"#example-{i} .textspan.hl, #example-{i} [class*=hl]")
         assert trained, f"example {i} marks no trained span"
     assert page.text("form-error") == ""
-    page.el("#all-settings").click()  # close it again for the screenshot
-    browser.execute_script("window.scrollTo(0, 0)")
+    browser.find_element(*accordion).click()  # closed again for the screenshot
     page.screenshot("new-run")
 
     # Start: a `qloraga finetune` process of the page's settings; the live tab follows it.
@@ -190,7 +215,8 @@ def test_page_end_to_end(server, browser, tmp_path):
     assert checkpoints(run), "Stop wrote no checkpoint"
     assert not (run / "results.json").exists()
     time.sleep(1.5)  # the last points drawn
-    plot_stopped, count_stopped = page.el("#live-plot").screenshot_as_png, points()
+    drawn_stopped, count_stopped = line_pixels(page.el("#live-plot").screenshot_as_png), points()
+    assert drawn_stopped > 0, "the plot draws no line"
 
     # Resume continues to the end; the plot gains the new points as they arrive.
     page.click("resume")
@@ -201,7 +227,7 @@ def test_page_end_to_end(server, browser, tmp_path):
     assert "resuming from" in (runs / ".ui/browser-demo/log.txt").read_text()
     page.wait(lambda: points() > count_stopped, 10, message="the plot gaining points")
     time.sleep(1.5)
-    assert page.el("#live-plot").screenshot_as_png != plot_stopped, "the plot did not change as points arrived"
+    assert line_pixels(page.el("#live-plot").screenshot_as_png) > drawn_stopped, "the line did not grow"
     training_seconds = time.time() - started
     page.screenshot("live-run")
 
@@ -215,7 +241,7 @@ def test_page_end_to_end(server, browser, tmp_path):
     box.click()
     box.send_keys("browser-demo")
     box.send_keys(Keys.ENTER)
-    page.wait(lambda: page.el("#compare-plot canvas, #compare-plot svg"), message="the compare plot")
+    page.wait(lambda: line_pixels(page.el("#compare-plot").screenshot_as_png) > 0, message="the run's curve")
     page.screenshot("runs")
 
     # Use it: the tuned and the base model answer the same prompt; the GGUF export writes its files.

@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": ("qloraga.cli.evaluate", "held-out loss and exact match of a base model or a base + adapter"),
     "export": ("qloraga.cli.export", "a run as a merged model, or GGUF files for llama.cpp / Ollama (--format gguf)"),
     "chat": ("qloraga.cli.chat", "talk to a finished run's model in the terminal"),
+    "ui": ("qloraga.ui.server", "a local web page: new run with preview, live run, runs compared, chat, export"),
 }
 
 

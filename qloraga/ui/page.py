@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 
 from qloraga.cli.dryrun import MARK
+from qloraga.errors import QLoraGAError
 from qloraga.presets import available_presets
 from qloraga.ui.form import FIELDS, MAIN, field_of, get, resolve_form, to_config
 from qloraga.ui.jobs import RunsFolder, loss_points
@@ -52,7 +53,11 @@ def captured(job) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_command(job)
+        try:
+            code = run_command(job)
+        except Exception as exc:  # where the CLI would print a traceback, the page still says what happened
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = 1
     return code, out.getvalue(), err.getvalue()
 
 
@@ -94,19 +99,23 @@ def runs_table(runs: RunsFolder) -> pd.DataFrame:
         state, results = runs.state(name), runs.results(name)
         before, after = results.get("before") or {}, results.get("after") or {}
 
-        def pair(key: str, b: dict = before, a: dict = after) -> str:
-            return f"{b[key]:.4f} → {a[key]:.4f}" if b.get(key) is not None and a.get(key) is not None else ""
+        def pair(key: str, spec: str, b: dict = before, a: dict = after) -> str:
+            return f"{b[key]:{spec}} → {a[key]:{spec}}" if b.get(key) is not None and a.get(key) is not None else ""
         rows.append({"run": name, "status": state.state + (f" ({state.detail})" if state.detail else ""),
-                     "steps": results.get("steps", ""), "held-out loss": pair("eval_loss"),
-                     "exact match": pair("accuracy"),
+                     "steps": results.get("steps", ""), "held-out loss": pair("eval_loss", ".4f"),
+                     "exact match": pair("accuracy", ".1%"),
                      "seconds": f"{results['seconds']:.0f}" if "seconds" in results else ""})
     return pd.DataFrame(rows, columns=["run", "status", "steps", "held-out loss", "exact match", "seconds"])
 
 
-def curves(runs: RunsFolder, names: list[str], by_run: bool) -> pd.DataFrame:
+def curves(runs: RunsFolder, names: list[str], by_run: bool) -> pd.DataFrame | None:
+    """The loss points of runs `names` for a LinePlot; None when there are none (Gradio's plot, once given an
+    empty frame, draws no line for the data that follows)."""
     rows = [{"step": step, "loss": loss, "series": f"{name} {series}" if by_run else series}
             for name in names for step, loss, series in loss_points(runs.metrics(name))]
-    # Typed even when empty: the plot reads a column of objects as categories, not as a number axis.
+    if not rows:
+        return None
+    # Typed: the plot reads a column of objects as categories, not as a number axis.
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 
@@ -224,7 +233,8 @@ def build(runs: RunsFolder) -> gr.Blocks:
                     resume_button = gr.Button("Resume", elem_id="resume", scale=1)
                 live_status = gr.Markdown(elem_id="live-status")
                 live_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss (metrics.jsonl)",
-                                        elem_id="live-plot", height=300)
+                                        elem_id="live-plot", height=300,  # both series from the first point on
+                                        color_map={"training": "#4c78a8", "held-out": "#f58518"})
                 live_log = gr.Textbox(label="Log", lines=14, max_lines=14, autoscroll=True, elem_id="live-log")
                 timer = gr.Timer(1.0)
 
@@ -278,7 +288,7 @@ def build(runs: RunsFolder) -> gr.Blocks:
             return f"**Error**{where}: {message}", field_updates(key, message)
 
         def fill(model_v: str, dataset_v: str, preset_v: str):
-            code, _, err = 0, "", ""
+            """Every field as `qloraga finetune` resolves this model, dataset and preset."""
             holder: dict[str, Any] = {}
 
             def job():
@@ -299,14 +309,15 @@ def build(runs: RunsFolder) -> gr.Blocks:
         page.load(fill, [model, dataset, preset], fill_out)
         trust.change(lambda on: gr.update(visible=bool(on)), trust, trust_warning)
 
-        def uploaded(file: str | None, model_v: str, dataset_v: str, preset_v: str):
+        def uploaded(file: str | None):
+            """Keep the upload (already size-limited by Gradio) in the runs folder and train on it."""
             if not file:
                 return gr.skip()
             target = runs.uploads() / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(file).name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
             return str(target)
-        upload.upload(uploaded, [upload, model, dataset, preset], dataset)
+        upload.upload(uploaded, upload, dataset)
 
         def config_from(args: list) -> Any:
             values = dict(zip([f.key for f in FIELDS], args[:len(FIELDS)], strict=True))
@@ -350,10 +361,11 @@ def build(runs: RunsFolder) -> gr.Blocks:
                 b = progress.train
                 lines.append(f"Training: step {b.n}/{b.total}, elapsed {b.elapsed}, remaining {b.remaining}")
             points = curves(runs, [run_name], by_run=False)
-            lines.append(f"{len(points)} loss points")
-            plot = points if len(points) != shown else gr.skip()
+            count = 0 if points is None else len(points)
+            lines.append(f"{count} loss points")
+            plot = points if count != shown else gr.skip()
             running = state.state == "running"
-            return ("  \n".join(lines), plot, terminal(runs.log(run_name)), len(points),
+            return ("  \n".join(lines), plot, terminal(runs.log(run_name)), count,
                     gr.update(interactive=running), gr.update(interactive=state.resumable))
         shown_points = gr.State(-1)
         live_out = [live_status, live_plot, live_log, shown_points, stop_button, resume_button]
@@ -396,7 +408,7 @@ def build(runs: RunsFolder) -> gr.Blocks:
             with models.lock:
                 try:
                     model_, tokenizer, fmt = models.get(runs.folder(run_name).name)
-                except (ValueError, OSError) as exc:
+                except (QLoraGAError, OSError) as exc:
                     yield tuned, base, f"**Error**: {exc}"
                     return
                 histories = [plain_messages(tuned), plain_messages(base)]

@@ -294,6 +294,9 @@ class RunConfig:
     seq_len: int = setting(1024, "maximum tokens per sequence (longer samples are truncated)")
     packing: bool = setting(False, "join several samples into each sequence (each still attends only to itself)")
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass")
+    # Off until measured on a GPU (bench/gpu_acceptance.py); preflight refuses it where it cannot run.
+    liger: bool = setting(False, "Liger's fused Triton kernels in training (RMSNorm, RoPE, SwiGLU, linear "
+                                 "cross-entropy; CUDA GPUs, pip install liger-kernel)")
     optim: str = setting("auto", "optimizer: scaled_adamw or scaled_sgd (Riemannian-preconditioned LoRA "
                                  "factors), or a transformers name (auto: paged 8-bit AdamW on GPU, AdamW on CPU)")
     precond_eps: float = setting(1e-6, "ridge of the scaled optimizers' r x r preconditioners", flag=None)

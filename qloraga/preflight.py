@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -21,7 +22,7 @@ from qloraga.data import DataError, check_record, is_local, read_records, resolv
 from qloraga.loading import causal_lm_config
 from qloraga.presets import MODEL_TYPE_PRESETS
 from qloraga.targets import find_target_layers
-from qloraga.training import LOGGER_PACKAGES, logger_installed
+from qloraga.training import LOGGER_PACKAGES, liger_installed, liger_model_types, logger_installed
 
 
 @dataclass
@@ -78,6 +79,7 @@ def check_run(cfg: RunConfig) -> Checked:
     check_report_to(cfg)
     config = causal_lm_config(cfg.model, cfg.trust_remote_code)
     check_packing(cfg, config)
+    check_liger(cfg, config)
     check_targets(cfg, config)
     check_splits(cfg)
     records = read_records(cfg.dataset, cfg.dataset_split)
@@ -100,6 +102,23 @@ def check_packing(cfg: RunConfig, config: PretrainedConfig) -> None:
         raise ConfigError(f"{option('packing')}: this model ({kind}) is not known to keep packed samples apart, so "
                           f"they would attend to each other. Drop --packing, or use a family with a preset "
                           f"({', '.join(sorted(MODEL_TYPE_PRESETS))}).")
+
+
+def check_liger(cfg: RunConfig, config: PretrainedConfig) -> None:
+    """`--liger` only where its kernels run: a CUDA device (they are Triton code), the liger-kernel package, and a
+    family it patches (elsewhere transformers would only warn and train unfused)."""
+    if not cfg.liger:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{option('liger')}: Liger's kernels run on CUDA GPUs only, and this machine has no CUDA "
+                          "device. Drop --liger.")
+    if not liger_installed():
+        raise ConfigError(f"{option('liger')}: the liger-kernel package (0.3 or later) is not installed. Install it "
+                          "(pip install liger-kernel) or drop --liger.")
+    families = liger_model_types()
+    if config.model_type not in families:
+        raise ConfigError(f"{option('liger')}: Liger has no kernels for model_type {config.model_type!r} (it patches "
+                          f"{', '.join(sorted(families))}). Drop --liger.")
 
 
 def check_report_to(cfg: RunConfig) -> None:

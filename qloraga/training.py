@@ -114,6 +114,20 @@ def logger_installed(name: str) -> bool:
     return any(importlib.util.find_spec(package) for package in LOGGER_PACKAGES.get(name, ()))
 
 
+def liger_installed() -> bool:
+    """liger-kernel in a version transformers' Trainer takes (`use_liger_kernel`: 0.3 or later)."""
+    from transformers.utils import is_liger_kernel_available
+
+    return is_liger_kernel_available()
+
+
+def liger_model_types() -> set[str]:
+    """The `model_type`s Liger patches (import only where it is installed: it loads Triton)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
 def resolve_report_to(name: str) -> str:
     """transformers' `report_to`: auto is tensorboard where it is installed (preflight checks the others)."""
     if name == "auto":
@@ -143,6 +157,7 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, evaluating: bool = 
         data_seed=cfg.seed,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=cfg.liger,  # the Trainer patches the base under the PEFT model (preflight.check_liger)
         remove_unused_columns=False,
         # Trainer sets the model's config.use_cache to this: no KV cache in training, which packed rows need
         # (transformers builds their per-sample mask from the position ids only when there is no cache).

@@ -18,7 +18,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,12 +192,17 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def evaluated(eval_every: int | Collection[int]) -> Callable[[int], bool]:
+    """Whether a step is evaluated: every `eval_every` steps, or exactly the steps it lists."""
+    return (lambda s: s % eval_every == 0) if isinstance(eval_every, int) else (lambda s: s in eval_every)
+
+
 def train_curve(model, optimizer, order: list[dict], task, lr: float, eval_every: int | Collection[int], *,
                 autocast: bool = False, eval_batch: int = 100) -> dict[str, list]:
     """One step per batch of `order` (warmup + cosine from `lr`), the test split's loss and accuracy at step 0,
     every `eval_every` steps (or at exactly the steps it lists) and at the end."""
     steps = len(order)
-    due = (lambda s: s % eval_every == 0) if isinstance(eval_every, int) else (lambda s: s in eval_every)
+    due = evaluated(eval_every)
     curve: dict[str, list] = {"step": [], "test_loss": [], "test_acc": [], "train_loss": []}
 
     def record(step: int) -> None:

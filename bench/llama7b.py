@@ -80,6 +80,36 @@ def svd_seconds(config, device: str = "cuda", repeats: int = 1) -> dict[str, dic
     return out
 
 
+def load_phase(path) -> tuple[torch.nn.Module, dict]:
+    """The 4-bit model and the load's memory and time (on a CPU, copied out of the file mapping)."""
+
+    def load():
+        model = common.load(path, four_bit=True)
+        common.materialize(model)  # no-op on a GPU; on a CPU, the unquantized tensors leave the file mapping
+        return model
+
+    return common.measure(load)
+
+
+def train_phase(model: torch.nn.Module, batches: list[dict], checkpointing: bool = True, lr: float = 2e-5) -> dict:
+    """Training steps as a 7B QLoRA run takes them (gradient checkpointing, paged 8-bit AdamW), one per batch:
+    memory and time, seconds per step (the first, with its lazy set-up, and the median of the others), losses."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = common.make_optimizer(common.trainable(model), lr, paged_8bit=True)
+    step_seconds: list[float] = []
+
+    def train() -> list[float]:
+        losses = []
+        for b in batches:
+            step_seconds.append(common.timed(lambda b=b: losses.append(common.train_step(model, optimizer, b))))
+        return losses
+
+    losses, stats = common.measure(train)
+    return {**stats, "seconds per step": stats["seconds"] / len(batches), "first step s": step_seconds[0],
+            "later steps median s": common.median(step_seconds[1:]), "losses": losses}
+
+
 def total(components: dict[str, float]) -> float:
     return sum(components.values())
 
@@ -121,12 +151,7 @@ def main() -> None:
     phases["build"] = {"seconds": time.perf_counter() - start, "peak_gb": common.proc_status_gb("VmHWM"),
                        "note": "host peak RSS; random shards written one block at a time (reused if present)"}
 
-    def load():
-        model = common.load(path, four_bit=True)
-        common.materialize(model)  # no-op on a GPU; on a CPU, the unquantized tensors leave the file mapping
-        return model
-
-    model, phases["load"] = common.measure(load)
+    model, phases["load"] = load_phase(path)
     print(f"load: {phases['load']}", flush=True)
     batches = common.random_batches(args.samples, 1, args.seq_len, config.vocab_size, seed=0)
     peft_model, phases["init"] = common.measure(lambda: common.qloraga_model(
@@ -136,16 +161,7 @@ def main() -> None:
     print(f"init: {phases['init']}", flush=True)
 
     train_batches = common.random_batches(args.steps, 1, args.seq_len, config.vocab_size, seed=1)
-
-    def train() -> list[float]:
-        if not args.no_checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = common.make_optimizer(common.trainable(peft_model), 2e-5, paged_8bit=True)
-        return [common.train_step(peft_model, optimizer, b) for b in train_batches]
-
-    losses, phases["train"] = common.measure(train)
-    phases["train"]["seconds per step"] = phases["train"]["seconds"] / args.steps
-    phases["train"]["losses"] = losses
+    phases["train"] = train_phase(peft_model, train_batches, checkpointing=not args.no_checkpointing)
 
     if on_gpu:
         phases["svd"] = svd_seconds(config)

@@ -39,10 +39,20 @@ METHODS = {
     "LoRA-GA (qloraga, sketch)": (4, "lora-ga-sketch", "adamw"),
     "LoRA-One (qloraga)": (4, "lora-one", "adamw"),
     "LoRA-One + scaled AdamW": (4, "lora-one", "scaled_adamw"),
+    "LoRA-One + gradient ranks": (4, "lora-one-ranks", "adamw"),
+    "GoRA (qloraga)": (4, "gora", "adamw"),
     "LoRA-GA (PEFT, bf16 base)": (16, "peft_loraga", "adamw"),
     "full fine-tuning (bf16 base)": (16, "full", "adamw"),
 }
 PLAIN = "QLoRA (PEFT, B=0)"
+# qloraga's inits: their QLoraGAConfig settings (the gradient allocations hold the uniform r's parameter budget).
+QLORAGA_INITS = {
+    "lora-ga": {"method": "lora-ga"},
+    "lora-ga-sketch": {"method": "lora-ga", "estimator": "sketch"},
+    "lora-one": {"method": "lora-one"},
+    "lora-one-ranks": {"method": "lora-one", "rank_allocation": "gradient"},
+    "gora": {"method": "gora", "rank_allocation": "gradient"},
+}
 
 
 @dataclass
@@ -93,8 +103,7 @@ def build(method: str, base_path: str, grad_batches: list[dict], r: int, seed: i
         model = common.peft_loraga_model(model, grad_batches, r=r)
     else:
         model = common.qloraga_model(model, grad_batches, r=r, adapter_dtype="float32", seed=seed, svd_niter=4,
-                                     method="lora-one" if init == "lora-one" else "lora-ga",
-                                     estimator="sketch" if init == "lora-ga-sketch" else "exact")
+                                     **QLORAGA_INITS[init])
 
     def optimizer(lr: float) -> torch.optim.Optimizer:
         if optim == "adamw":
@@ -107,12 +116,18 @@ def build(method: str, base_path: str, grad_batches: list[dict], r: int, seed: i
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def train_run(task: Task, method: str, lr: float, seed: int, args, base_path: str) -> dict:
-    """One run: the method's init on the seed's gradient batches, then `steps` steps, evaluated as it goes."""
+def run_batches(task: Task, seed: int, args) -> tuple[list[dict], list[dict]]:
+    """The seed's gradient batches and training order: the same for every method and learning rate."""
     rng = random.Random(seed)
     grad_batches = [convergence.collate(rng.sample(task.train, args.batch_size), task.pad_id)
                     for _ in range(args.grad_batches)]
     order = [convergence.collate(rng.sample(task.train, args.batch_size), task.pad_id) for _ in range(args.steps)]
+    return grad_batches, order
+
+
+def train_run(task: Task, method: str, lr: float, seed: int, args, base_path: str) -> dict:
+    """One run: the method's init on the seed's gradient batches, then `steps` steps, evaluated as it goes."""
+    grad_batches, order = run_batches(task, seed, args)
     start = time.perf_counter()
     model, make_optimizer = build(method, base_path, grad_batches, args.r, seed)
     init_s = time.perf_counter() - start
@@ -185,17 +200,18 @@ def main() -> None:
 
 
 def tiny_base() -> str:
-    """For --tiny: a tiny random Llama with SmolLM2's tokenizer settings replaced by a small byte-level one."""
+    """For --tiny: a tiny random Llama with SmolLM2's tokenizer settings replaced by a small byte-level one (no
+    prefix space, as GGUF export wants: bench/gpu_acceptance.py exports it)."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    path = common.TMP / "real-tiny-base"
+    path = common.TMP / "real-tiny-base-v2"
     if not (path / "config.json").exists():
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         texts = [json.loads(line)["prompt"] for name in ("debian", "pydoc")
                  for line in (TASKS / f"{name}.jsonl").read_text().splitlines()[:200]]
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
         tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<eos>"]))
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
         config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -8,6 +8,10 @@ each, in a rotated order; the ratio qloraga / plain tokens/s is taken per round.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import common
 import torch
 
@@ -31,6 +35,46 @@ def build(name: str, path: str, batches: list[dict], r: int, dtype: torch.dtype,
     return model, common.make_optimizer(common.trainable(model), 1e-5)
 
 
+def time_rounds(models: dict[str, tuple], batches: list[dict], repeats: int, steps: int,
+                contexts: dict[str, Callable[[], AbstractContextManager]] | None = None) -> list[dict[str, float]]:
+    """Seconds per step of each (model, optimizer), `steps` steps each round, in an order rotated every round,
+    after one warm-up step each (lazy set-up, optimizer state); `contexts[name]()` is entered around the
+    steps of `name` where given."""
+    contexts = contexts or {}
+
+    def steps_of(name: str, count: int) -> None:
+        model, optimizer = models[name]
+        with contexts.get(name, contextlib.nullcontext)():
+            for s in range(count):
+                common.train_step(model, optimizer, batches[s % len(batches)])
+
+    for name in models:
+        steps_of(name, 1)
+    rounds = []
+    for i in range(repeats):
+        seconds = {name: common.timed(lambda n=name: steps_of(n, steps)) / steps
+                   for name in common.rotated(list(models), i)}
+        rounds.append(seconds)
+        print(f"round {i + 1}/{repeats}: " + ", ".join(f"{k} {v:.3f}s/step" for k, v in seconds.items()), flush=True)
+    return rounds
+
+
+def rate_rows(rounds: list[dict[str, float]], tokens: int) -> list[dict]:
+    """Per configuration: median seconds per step and tokens per second over the rounds."""
+    return [{"config": name, "s/step": common.median([r[name] for r in rounds]),
+             "tokens/s": common.median([tokens / r[name] for r in rounds])} for name in rounds[0]]
+
+
+def ratio_rows(rounds: list[dict[str, float]], pairs: list[tuple[str, str]], goal: float) -> list[dict]:
+    """Per (ours, plain) pair: the median over rounds of the round's tokens/s ratio ours / plain."""
+    rows = []
+    for ours, plain in pairs:
+        ratio = common.median([r[plain] / r[ours] for r in rounds])
+        rows.append({"ratio": f"{ours} / {plain}", "tokens/s ratio": ratio, "goal": f">= {goal}",
+                     "met": ratio >= goal})
+    return rows
+
+
 def main() -> None:
     p = common.parser(__doc__.split("\n")[0])
     p.add_argument("--shape", default="small", choices=list(common.SHAPES))
@@ -52,27 +96,10 @@ def main() -> None:
     path = str(common.random_model(args.shape, args.layers))
     batches = common.random_batches(4, args.batch_size, args.seq_len, config.vocab_size, seed=1)
     models = {name: build(name, path, batches, args.r, dtype, args.svd_niter) for name in CONFIGS}
-    for model, optimizer in models.values():  # warm-up: lazy set-up, optimizer state
-        common.train_step(model, optimizer, batches[0])
-
-    names = list(CONFIGS)
-    rounds = []
-    for i in range(args.repeats):
-        seconds = {}
-        for name in common.rotated(names, i):
-            model, optimizer = models[name]
-            seconds[name] = common.timed(lambda m=model, o=optimizer: [
-                common.train_step(m, o, batches[s % len(batches)]) for s in range(args.steps)]) / args.steps
-        rounds.append(seconds)
-        print(f"round {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.2f}s/step" for k, v in seconds.items()))
-
+    rounds = time_rounds(models, batches, args.repeats, args.steps)
     tokens = args.batch_size * args.seq_len
-    rows = [{"config": name, "s/step": common.median([r[name] for r in rounds]),
-             "tokens/s": common.median([tokens / r[name] for r in rounds])} for name in names]
-    ratios = []
-    for ours, plain in PAIRS:
-        ratio = common.median([r[plain] / r[ours] for r in rounds])
-        ratios.append({"ratio": f"{ours} / {plain}", "tokens/s ratio": ratio, "goal": ">= 0.95", "met": ratio >= 0.95})
+    rows = rate_rows(rounds, tokens)
+    ratios = ratio_rows(rounds, PAIRS, 0.95)
     params = common.count_params(config)
     print(f"\nShape {args.shape}, {args.layers} layers ({params['total'] / 1e6:.1f}M parameters), r={args.r}, "
           f"batch {args.batch_size}x{args.seq_len} tokens, {args.dtype} compute, {args.steps} steps per round, "

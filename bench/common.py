@@ -316,16 +316,17 @@ def setup_child(threads: int | None = None) -> None:
 
 
 def run_child(script: Path, spec: dict, inprocess: Callable[[dict], dict] | None = None,
-              timeout: float | None = None) -> dict:
+              timeout: float | None = None, env: dict[str, str] | None = None) -> dict:
     """Run `script --child SPEC` in a fresh interpreter and return the dict it printed after the marker.
 
     With `inprocess`, call it on `spec` in this process instead: only for `--tiny` smoke runs, whose
     figures mean nothing and which must not pay an interpreter start (~10 s) per configuration.
+    `env`: more environment variables for the child (e.g. a PYTHONPATH to an older qloraga).
     """
     if inprocess is not None:
         return json.loads(json.dumps(inprocess(spec)))
     cmd = [sys.executable, str(script), "--child", json.dumps(spec)]
-    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", **MALLOC_ENV}
+    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", **MALLOC_ENV, **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):

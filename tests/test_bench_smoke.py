@@ -22,6 +22,7 @@ SCRIPTS = {  # script: the JSON files its --tiny run writes
     "convergence.py": ["convergence_reverse_tiny.json"],
     "llama7b.py": ["llama7b_tiny.json"],
     "forward_ab.py": ["forward_ab_tiny.json"],
+    "merged_export.py": ["merged_export_tiny.json"],
     "real_convergence.py": ["real_convergence_debian_tiny.json", "real_convergence_pydoc_tiny.json"],
     "long_horizon.py": ["long_horizon_debian_qlora-peft-b-0_tiny.json",
                         "long_horizon_debian_lora-one-qloraga_tiny.json", "long_horizon_debian_tiny.json"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -121,3 +123,73 @@ def batches():
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative Frobenius difference |a - b| / |b|."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# ------------------------------------------------------------------ helpers that several test modules call
+def logits(model, batches) -> torch.Tensor:
+    """The model's fp32 logits on every batch, in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+                          for b in batches])
+
+
+def sgd_step(model, batches, lr) -> None:
+    """One plain SGD step on the trainable parameters, over the mean loss of `batches`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    for batch in batches:
+        (model(**batch).loss / len(batches)).backward()
+    with torch.no_grad():
+        for p in params:
+            p -= lr * p.grad
+            p.grad = None
+
+
+def decaying_grad(seed: int = 0, m: int = 48, n: int = 64) -> torch.Tensor:
+    """m x n gradient with singular values 2^(-i/2) (the example of docs/ALGORITHM.md section 1)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = 2.0 ** (-torch.arange(m, dtype=torch.float64) / 2)
+    return (u * s) @ v[:, :m].T
+
+
+RECORDS = {  # one record of each dataset format, from two small numbers
+    "prompt-completion": lambda a, b: {"prompt": f"{a} plus {b} is", "completion": f" {a + b}"},
+    "alpaca": lambda a, b: {"instruction": "Add the numbers.", "input": f"{a} and {b}", "output": f"{a + b}"},
+    "messages": lambda a, b: {"messages": [{"role": "user", "content": f"{a} plus {b}?"},
+                                           {"role": "assistant", "content": f"{a + b}"}]},
+    "text": lambda a, b: {"text": f"{a} plus {b} is {a + b}."},
+    "sharegpt": lambda a, b: {"conversations": [{"from": "system", "value": "Add."},
+                                                {"from": "human", "value": f"{a} plus {b}?"},
+                                                {"from": "gpt", "value": f"{a + b}"}]},
+}
+
+
+def write_dataset(path, fmt, n=24) -> str:
+    """`n` addition records of format `fmt` as a .jsonl, .json, .csv or .parquet file (by `path`'s suffix)."""
+    import pandas as pd
+
+    rows = [RECORDS[fmt](i % 7, i % 5) for i in range(n)]
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    return str(path)
+
+
+def run_cli(model, dataset, out, *extra) -> int:
+    """`qloraga finetune` in this process with a 4-step LoRA-GA run's settings (`extra` overrides them)."""
+    from qloraga.cli.finetune import main
+
+    argv = ["--model", model, "--dataset", dataset, "--output-dir", str(out), "--init", "lora-ga", "--rank", "4",
+            "--max-steps", "4",
+            "--batch-size", "4", "--grad-accum", "1", "--ga-batches", "2", "--seq-len", "128", "--lr", "1e-3",
+            "--save-steps", "2", "--logging-steps", "1", "--eval-samples", "4", "--no-gradient-checkpointing",
+            "--dtype", "float32", *extra]  # fp32 compute: bf16 matmuls are emulated (slow) on CPUs like CI's
+    return main(argv)

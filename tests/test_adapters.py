@@ -5,7 +5,7 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import make_batches, rel
+from conftest import logits, make_batches, rel, sgd_step
 from peft import LoraConfig, get_peft_model
 from reference import autograd_grads, dequantized_fp32_copy
 
@@ -14,13 +14,6 @@ from qloraga.adapters import ResidualCorrection, corrected_layers
 from qloraga.config import DIRECTIONS
 from qloraga.errors import ConfigError
 from qloraga.loading import dequantized_weight
-
-
-def logits(model, batches):
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-                          for b in batches])
 
 
 @pytest.mark.parametrize("adapter_dtype", ["bfloat16", "float32"])
@@ -35,17 +28,6 @@ def test_step0_logits_equal_the_4bit_base(tiny_model_dir, adapter_dtype):
     assert layer.lora_B["default"].weight.abs().sum() > 0
     # ... and yet the model computes the quantized base (the issue allows 5e-3; we measure ~0).
     assert rel(logits(peft_model, batches), base) < 1e-5
-
-
-def sgd_step(model, batches, lr):
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    for batch in batches:
-        (model(**batch).loss / len(batches)).backward()
-    with torch.no_grad():
-        for p in params:
-            p -= lr * p.grad
-            p.grad = None
 
 
 def first_step_cosines(model, batches, lr=1e-3):

@@ -4,50 +4,16 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 import torch
-from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS
+from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS, run_cli, write_dataset
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import qloraga.training as training
 from qloraga import load_model
-from qloraga.cli.finetune import main, resolve
-
-RECORDS = {
-    "prompt-completion": lambda a, b: {"prompt": f"{a} plus {b} is", "completion": f" {a + b}"},
-    "alpaca": lambda a, b: {"instruction": "Add the numbers.", "input": f"{a} and {b}", "output": f"{a + b}"},
-    "messages": lambda a, b: {"messages": [{"role": "user", "content": f"{a} plus {b}?"},
-                                           {"role": "assistant", "content": f"{a + b}"}]},
-    "text": lambda a, b: {"text": f"{a} plus {b} is {a + b}."},
-    "sharegpt": lambda a, b: {"conversations": [{"from": "system", "value": "Add."},
-                                                {"from": "human", "value": f"{a} plus {b}?"},
-                                                {"from": "gpt", "value": f"{a + b}"}]},
-}
-
-
-def write_dataset(path, fmt, n=24):
-    rows = [RECORDS[fmt](i % 7, i % 5) for i in range(n)]
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(rows))
-    elif path.suffix == ".csv":
-        pd.DataFrame(rows).to_csv(path, index=False)
-    else:
-        pd.DataFrame(rows).to_parquet(path)
-    return str(path)
-
-
-def run_cli(model, dataset, out, *extra):
-    argv = ["--model", model, "--dataset", dataset, "--output-dir", str(out), "--init", "lora-ga", "--rank", "4",
-            "--max-steps", "4",
-            "--batch-size", "4", "--grad-accum", "1", "--ga-batches", "2", "--seq-len", "128", "--lr", "1e-3",
-            "--save-steps", "2", "--logging-steps", "1", "--eval-samples", "4", "--no-gradient-checkpointing",
-            "--dtype", "float32", *extra]  # fp32 compute: bf16 matmuls are emulated (slow) on CPUs like CI's
-    return main(argv)
+from qloraga.cli.finetune import resolve
 
 
 def check_outputs(out, model_dir, targets):

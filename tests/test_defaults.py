@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import COMMON, tiny_tokenizer
-from test_cli import run_cli, write_dataset
+from conftest import COMMON, run_cli, tiny_tokenizer, write_dataset
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qloraga.cli.finetune import main, resolve, resolve_settings

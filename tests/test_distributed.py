@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_batches
+from conftest import make_batches, write_dataset
 from safetensors.torch import load_file, save_file
-from test_cli import write_dataset
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
 from qloraga.adapters import corrected_layers
@@ -149,8 +148,7 @@ def test_cli_under_torchrun_writes_one_adapter(tiny_model_dir, tmp_path):
 
 def test_bf16_quant_storage_for_fsdp_works_the_same(tiny_model_dir):
     """FSDP needs the 4-bit weights stored as bf16 (configs/accelerate/fsdp_qlora.yaml): same model, same init."""
-    from conftest import rel
-    from test_adapters import logits
+    from conftest import logits, rel
 
     path, batches = tiny_model_dir("llama"), make_batches()
     plain, packed = load_model(path), load_model(path, quant_storage=torch.bfloat16)

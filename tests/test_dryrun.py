@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import write_dataset
+from conftest import write_dataset
 
 import qloraga.loading
 import qloraga.recipe

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILY_TARGETS, make_batches, rel
+from conftest import FAMILY_TARGETS, logits, make_batches, rel
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_adapters import logits
 from transformers import AutoModelForCausalLM
 
 from qloraga import QLoraGAConfig, export_adapter, export_merged, get_qloraga_model, load_model

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import decaying_grad
 
 from qloraga import lora_ga_factors
 from qloraga.config import DIRECTIONS, SCALES
 
-M, N, R = 48, 64, 4
-
-
-def decaying_grad(seed: int = 0) -> torch.Tensor:
-    """48x64 gradient with singular values 2^(-i/2) (the example of docs/ALGORITHM.md section 1)."""
-    g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(M, M, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
-    s = 2.0 ** (-torch.arange(M, dtype=torch.float64) / 2)
-    return (u * s) @ v[:, :M].T
+M, N, R = 48, 64, 4  # the shape of conftest.decaying_grad
 
 
 def expected(grad, r, direction, scale, gamma, scaling, weight):

@@ -4,9 +4,8 @@ exact at step 0, one training step moves it, and the exported adapter computes t
 from __future__ import annotations
 
 import pytest
-from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS, make_batches, rel
+from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS, logits, make_batches, rel, sgd_step
 from peft import PeftModel
-from test_adapters import logits, sgd_step
 from transformers import AutoConfig
 
 from qloraga import QLoraGAConfig, export_adapter, get_qloraga_model, load_model

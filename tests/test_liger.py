@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from test_cli import run_cli, write_dataset
+from conftest import run_cli, write_dataset
 
 import qloraga.preflight as preflight
 import qloraga.recipe as recipe

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_batches, rel
+from conftest import decaying_grad, make_batches, rel, run_cli, write_dataset
 from peft import LoraConfig, get_peft_model
 from reference import autograd_grads, dequantized_fp32_copy
-from test_factors import decaying_grad
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
 from qloraga.adapters import corrected_layers
@@ -161,7 +160,6 @@ def test_one_training_run_of_each_new_combination_on_a_4bit_model(tiny_model_dir
     """The CLI end to end (4 steps, 4-bit base): the run learns and its adapter loads in upstream PEFT (rank r
     for LoRA-One and plain LoRA, which have no correction to carry; 2r for LoRA-GA)."""
     from peft import PeftModel
-    from test_cli import run_cli, write_dataset
 
     model = tiny_model_dir("llama")
     data = write_dataset(tmp_path / "train.jsonl", "prompt-completion")

@@ -11,7 +11,7 @@ import types
 import typing
 
 import pytest
-from test_cli import run_cli, write_dataset
+from conftest import run_cli, write_dataset
 
 import qloraga.recipe as recipe
 from qloraga.cli.finetune import parser, resolve

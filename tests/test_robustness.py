@@ -15,9 +15,8 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import run_cli, save_tiny, write_dataset
 from safetensors.torch import load_file
-from test_cli import run_cli, write_dataset
 from transformers import AutoModel, DistilBertConfig, TrainerCallback
 
 import qloraga.init.pipeline as initialization

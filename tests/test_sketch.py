@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batches
+from conftest import make_batches, run_cli, write_dataset
 from reference import autograd_grads, dequantized_fp32_copy
 
 from qloraga import QLoraGAConfig, load_model
@@ -102,8 +102,6 @@ def test_sketch_of_an_explicit_low_rank_matrix():
 
 
 def test_cli_with_the_sketch_estimator(tiny_model_dir, tmp_path, capsys):
-    from test_cli import run_cli, write_dataset
-
     data = write_dataset(tmp_path / "train.jsonl", "prompt-completion")
     assert run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--4bit", "--estimator", "sketch") == 0
     assert "2 sketch pass(es)" in capsys.readouterr().out

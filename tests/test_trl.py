@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_batches, rel, tiny_tokenizer
+from conftest import logits, make_batches, rel, tiny_tokenizer
 from peft import PeftModel
-from test_adapters import logits
 
 from qloraga import QLoraGAConfig, export_adapter, get_qloraga_model, load_model, restore_adapter_dtype
 from qloraga.adapters import ADAPTER, corrected_layers

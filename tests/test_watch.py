@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_tokenizer
-from test_cli import run_cli, write_dataset
+from conftest import run_cli, tiny_tokenizer, write_dataset
 
 from qloraga.cli.finetune import main
 from qloraga.evaluation import SHORT_ANSWER_TOKENS, scored_pairs

@@ -273,8 +273,9 @@ class RunConfig:
     load_in_4bit: bool = setting(False, "load the base in 4-bit NF4 (QLoRA); else bf16", flag="--4bit")
     dtype: DtypeName = setting("bfloat16", "compute dtype (bf16 default; float32 on CPUs without bf16 kernels, "
                                            "as the demo preset does)")
-    quant_storage: QuantStorage = setting("uint8", "storage dtype of 4-bit weights (bfloat16 for FSDP, see "
-                                                   "configs/accelerate/)")
+    quant_storage: QuantStorage | None = setting(None, "storage dtype of 4-bit weights (default: uint8, or a "
+                                                       "pre-quantized checkpoint's own; bfloat16 for FSDP, see "
+                                                       "configs/accelerate/)")
     # LoRA-One: fastest to plain QLoRA's final loss and lowest final loss on both real-model tasks at tuned
     # learning rates (BENCHMARKS.md section 6); `--init lora-ga` is the paper-exact LoRA-GA (step 0 = the base).
     init: Init = setting("lora-one", "adapter initialisation: lora-one (top-r of -G, no correction: step 0 "

@@ -152,6 +152,28 @@ def check_record(record: dict[str, Any], fmt: str, index: int) -> None:
                                 f"{', '.join(SHAREGPT_ROLES)}) and a text 'value'; got {turn!r}.")
 
 
+# What each format trains on, as an error message names it.
+RESPONSE_FIELDS = {"prompt-completion": "'completion'", "alpaca": "'output'", "text": "'text'",
+                   "messages": "assistant messages' 'content'", "sharegpt": "gpt turns' 'value'"}
+
+
+def empty_response(record: dict[str, Any], fmt: str) -> bool:
+    """Whether a (checked) record's response is blank: it would teach the end-of-text token and nothing else."""
+    if fmt in CHAT_FORMATS:
+        return all(not m["content"].strip() for m in as_messages(record, fmt) if m["role"] == "assistant")
+    return not record[REQUIRED[fmt][-1]].strip()
+
+
+def count_empty_responses(records: Sequence[dict[str, Any]], fmt: str) -> int:
+    """How many (checked) records have a blank response; a DataError, naming the field, when all have."""
+    empty = sum(empty_response(r, fmt) for r in records)
+    if records and empty == len(records):
+        raise DataError(f"every one of the {len(records)} records has an empty {RESPONSE_FIELDS[fmt]}: there is "
+                        "nothing to train on but the end-of-text token. Fill in the responses (or check the "
+                        "format: --dataset-format).")
+    return empty
+
+
 def as_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     """A chat record's turns as chat-template messages (`role`, `content`)."""
     if fmt == "sharegpt":
@@ -220,6 +242,39 @@ def uses_bos(tokenizer, fmt: str) -> bool:
     return fmt not in CHAT_FORMATS and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
 
 
+def encode_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
+    """Prompt ids exactly as `tokenize` lays them out before the response."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if uses_bos(tokenizer, fmt):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+# How `generation_prompt` renders a message for a model trained on each format, in words.
+RENDERINGS = {
+    "prompt-completion": "prompt-completion: the message is the prompt, as written, no chat template",
+    "alpaca": "alpaca: the message is the instruction, in the '### Instruction: ... ### Response:' frame",
+    "text": "text: the message is continued as raw text, no chat template",
+    "messages": "the tokenizer's chat template, as for messages data",
+    "sharegpt": "the tokenizer's chat template, as for sharegpt data",
+}
+
+
+def generation_prompt(messages: list[dict[str, str]], fmt: str, tokenizer) -> str:
+    """The text a model trained on `fmt` data expects before its answer to `messages` (a conversation ending in
+    a user message), rendered as training rendered its prompts: the conversation through the chat template for
+    chat formats; for the others, which have no turns, the last message alone in that format's prompt."""
+    text = messages[-1]["content"]
+    if fmt in CHAT_FORMATS:
+        record, fmt = {"messages": [*messages, {"role": "assistant", "content": ""}]}, "messages"
+    elif fmt == "text":
+        return text
+    else:
+        record = {"prompt-completion": {"prompt": text, "completion": ""},
+                  "alpaca": {"instruction": text, "output": ""}}[fmt]
+    return prompt_and_answer(record, fmt, tokenizer)[0]
+
+
 @dataclass
 class Example:
     input_ids: list[int]
@@ -241,6 +296,8 @@ def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer, seq_len: in
     record_fmt = resolve_format(records, fmt)
     for index, record in enumerate(records):
         check_record(record, record_fmt, index)
+    count_empty_responses(records, record_fmt)
+    for record in records:
         ids: list[int] = []
         labels: list[int] = []
         if uses_bos(tokenizer, record_fmt):

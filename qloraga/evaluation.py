@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qloraga.data import IGNORE, Collator, Example, prompt_and_answer, resolve_format, uses_bos
+from qloraga.data import IGNORE, Collator, Example, encode_prompt, prompt_and_answer, resolve_format
 from qloraga.loading import model_device
 
 
@@ -29,14 +29,6 @@ def held_out_loss(model: nn.Module, examples: Sequence[Example], collator: Colla
         total += loss.item()
         count += (labels != IGNORE).sum().item()
     return total / max(count, 1)
-
-
-def encode_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
-    """Prompt ids exactly as `data.tokenize` lays them out before the response."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if uses_bos(tokenizer, fmt):
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
 
 
 SHORT_ANSWER_FORMATS = ("prompt-completion", "alpaca")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -168,13 +170,121 @@ def convert_gguf(file: Path, out: str | os.PathLike) -> None:
 
 
 def causal_lm_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The model's config, checked to describe a causal LM (cheap: no weights are read)."""
+    """The model's config, checked to describe a causal LM whose weight files are whole and whose quantization,
+    if it was saved quantized, qloraga can train on (cheap: no weights are read)."""
     name = model_source(name_or_path)
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise ModelSourceError(f"{name!r} is a {config.model_type!r} model, not a causal language model: qloraga "
                                "fine-tunes decoder-only LMs (those AutoModelForCausalLM loads).")
+    if Path(name).is_dir():
+        check_safetensors(Path(name))
+    prequantized(config, name)
     return config
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every safetensors file of a model folder holds the bytes its header promises, and every shard its index
+    names is there: a download cut short is named here, not by a SafetensorError from deep inside the loader.
+    Reads the headers only."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelSourceError(f"{index} is damaged (not a safetensors index with a weight_map): download or "
+                                   "copy it again.") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelSourceError(f"{folder} is incomplete: {index.name} names {', '.join(missing)}, which "
+                                   "is not there. Download or copy the missing shard(s).")
+    for file in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ModelSourceError(f"{file} is damaged or incomplete ({problem}): download or copy it again.")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's header or length, or None. The format: an 8-byte little-endian
+    header length, a JSON header giving each tensor's byte range, then the data."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the header's length field"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"its header alone needs {8 + length} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not a valid safetensors header"
+    if 8 + length + end > size:
+        return f"{size} bytes where its header describes {8 + length + end}"
+    return None
+
+
+@dataclass(frozen=True)
+class Prequantized:
+    """A checkpoint saved already quantized by bitsandbytes (the `*-bnb-4bit` repos: its config.json holds the
+    `quantization_config`). It is loaded as saved, never re-quantized. Its quantization type and storage are
+    fixed by the stored weights; its compute dtype is not (bitsandbytes dequantizes to the input's dtype), so the
+    run's `--dtype` sets it, as for a model qloraga quantizes itself."""
+
+    quant_type: str  # nf4 or fp4
+    double_quant: bool
+    storage: str  # bnb_4bit_quant_storage
+    compute_dtype: str  # the dtype the checkpoint's config names
+
+    def describe(self, dtype: str) -> str:
+        said = "" if self.compute_dtype == dtype else f" (the checkpoint says {self.compute_dtype}; --dtype sets it)"
+        return (f"pre-quantized 4-bit {self.quant_type.upper()} checkpoint, loaded as saved (not re-quantized), "
+                f"{dtype} compute{said}")
+
+
+def prequantized(config: PretrainedConfig, name: str = "the model") -> Prequantized | None:
+    """How the checkpoint `config` describes was saved quantized, or None for an unquantized one. 8-bit and other
+    quantization methods are refused: the gradient-aligned init and the merged and GGUF exports read the
+    dequantized weights of bitsandbytes' 4-bit layers."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    method = q.get("quant_method", "bitsandbytes")
+    if method != "bitsandbytes":
+        raise ModelSourceError(f"{name} was saved quantized with {method!r}: qloraga fine-tunes unquantized "
+                               "checkpoints (which it loads in 4-bit NF4 with --4bit) and bitsandbytes 4-bit ones. "
+                               "Give the model's unquantized original.")
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        raise ModelSourceError(f"{name} is a bitsandbytes 8-bit checkpoint, which qloraga does not fine-tune (its "
+                               "init and exports read the dequantized weights of 4-bit layers). Give the model's "
+                               "unquantized original (with --4bit for 4-bit NF4), or a bnb-4bit checkpoint.")
+    if not (q.get("load_in_4bit") or q.get("_load_in_4bit")):
+        return None
+    storage = q.get("bnb_4bit_quant_storage") or "uint8"
+    return Prequantized(q.get("bnb_4bit_quant_type") or "fp4", bool(q.get("bnb_4bit_use_double_quant")),
+                        str(storage).removeprefix("torch."),
+                        str(q.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
+
+
+def check_quant_storage(found: Prequantized | None, quant_storage: torch.dtype | None) -> None:
+    """A storage dtype asked for must be the pre-quantized checkpoint's own: its weights are stored that way."""
+    if found is None or quant_storage is None:
+        return
+    asked = next((k for k, v in QUANT_STORAGE.items() if v == quant_storage), str(quant_storage))
+    if asked != found.storage:
+        raise ConfigError(f"{option('quant_storage')} {asked} contradicts the pre-quantized checkpoint, whose 4-bit "
+                          f"weights are stored as {found.storage} (it is loaded as saved, not re-quantized): drop "
+                          f"{option('quant_storage')}, or give the unquantized original to quantize it with --4bit.")
+
+
+def weights_description(cfg: RunConfig, config: PretrainedConfig) -> str:
+    """How a run's base is held, for its run line and dry run: pre-quantized, 4-bit NF4 by qloraga, or plain."""
+    found = prequantized(config)
+    if found is not None:
+        return found.describe(cfg.dtype)
+    return f"4-bit NF4, {cfg.dtype} compute" if cfg.load_in_4bit else cfg.dtype
 
 
 def load_model(
@@ -184,19 +294,22 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
-    quant_storage: torch.dtype = torch.uint8,
+    quant_storage: torch.dtype | None = None,
     **kwargs,
 ) -> PreTrainedModel:
     """Load a causal LM from a local path or a hub name, NF4 4-bit by default, bf16 otherwise.
 
     The bf16 model is never materialised in full on the accelerator: transformers quantizes
-    tensor by tensor while loading.
+    tensor by tensor while loading. A checkpoint saved in 4-bit (`Prequantized`) is loaded as saved, whatever
+    `load_in_4bit` says, computing in `dtype`. `quant_storage` (uint8 by default) must then be its own.
     """
     name = model_source(name_or_path)
     config = causal_lm_config(name, trust_remote_code)
-    if load_in_4bit:
+    found = prequantized(config, name)
+    check_quant_storage(found, quant_storage)
+    if load_in_4bit or found is not None:
         check_4bit_support()
-    quant = nf4_config(dtype, quant_storage) if load_in_4bit else None
+    quant = nf4_config(dtype, quant_storage or torch.uint8) if load_in_4bit and found is None else None
     if device_map is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         device_map = default_device_map()  # under FSDP, accelerate places the shards itself
     model = AutoModelForCausalLM.from_pretrained(
@@ -208,8 +321,24 @@ def load_model(
         trust_remote_code=trust_remote_code,
         **kwargs,
     )
+    if found is not None:
+        compute_in(model, dtype)
     disable_cpu_repacking(model)
     return model
+
+
+def compute_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """A pre-quantized model as if qloraga had quantized it with compute dtype `dtype`: its 4-bit layers compute in
+    it and dequantize to it, and its unquantized weights (embeddings, norms, biases) are held in it. transformers
+    keeps the checkpoint's dtypes, and a checkpoint quantized from bf16 weights dequantizes to bf16 in training's
+    autograd path but not in bitsandbytes' fused inference kernel: one dtype makes both the same weights."""
+    for module in model.modules():
+        if is_4bit(module):
+            module.compute_dtype = dtype
+            module.weight.quant_state.dtype = dtype
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and not isinstance(param, bnb.nn.Params4bit):
+                param.data = param.data.to(dtype)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -222,7 +351,7 @@ def load_base(cfg: RunConfig, dtype: str | None = None) -> PreTrainedModel:
     trust_remote_code): what `finetune` trains and what evaluate, export and chat load again from the run's
     config.yaml. `dtype` overrides the compute dtype."""
     return load_model(cfg.model, load_in_4bit=cfg.load_in_4bit, dtype=COMPUTE_DTYPES[dtype or cfg.dtype],
-                      trust_remote_code=cfg.trust_remote_code, quant_storage=QUANT_STORAGE[cfg.quant_storage])
+                      trust_remote_code=cfg.trust_remote_code, quant_storage=QUANT_STORAGE.get(cfg.quant_storage))
 
 
 def is_4bit(module: nn.Module) -> bool:

@@ -9,7 +9,8 @@ the work happens (`get_qloraga_model`, `tokenize`), for library users.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,9 +18,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from qloraga.adapters import check_target_rank
-from qloraga.config import ConfigError, RunConfig, option
-from qloraga.data import DataError, check_record, is_local, read_records, resolve_format, split
-from qloraga.loading import causal_lm_config
+from qloraga.config import QUANT_STORAGE, ConfigError, RunConfig, option
+from qloraga.data import (
+    RESPONSE_FIELDS,
+    DataError,
+    check_record,
+    count_empty_responses,
+    is_local,
+    read_records,
+    resolve_format,
+    split,
+)
+from qloraga.loading import causal_lm_config, check_quant_storage, prequantized
 from qloraga.presets import MODEL_TYPE_PRESETS
 from qloraga.targets import find_target_layers
 from qloraga.training import LOGGER_PACKAGES, liger_installed, liger_model_types, logger_installed
@@ -27,11 +37,13 @@ from qloraga.training import LOGGER_PACKAGES, liger_installed, liger_model_types
 
 @dataclass
 class Checked:
-    """What the checks read, for the run to reuse: the model's config and the records, split."""
+    """What the checks read, for the run to reuse: the model's config and the records, split; `notes`: what the
+    run should say about them (records with an empty response)."""
 
     model_config: PretrainedConfig
     train_records: list[dict[str, Any]]
     eval_records: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
 
 
 def model_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module | None:
@@ -61,35 +73,56 @@ def check_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
         raise ConfigError(f"{option('lora_ga.r')} {r} does not fit this model: {exc}") from exc
 
 
-def check_records(records: list[dict[str, Any]], fmt: str, source: str, flag: str) -> None:
-    """The format is known (or detected from the first record) and every record has the fields it needs."""
+def check_records(records: list[dict[str, Any]], fmt: str, source: str, flag: str) -> str | None:
+    """The format is known (or detected from the first record), every record has the fields it needs and not
+    every response is empty; returns a note when some are."""
     record_fmt = None
     try:
         record_fmt = resolve_format(records, fmt)
         for index, record in enumerate(records):
             check_record(record, record_fmt, index)
+        empty = count_empty_responses(records, record_fmt)
     except DataError as exc:
         detected = (f" (format {record_fmt!r}, detected from the first record; --dataset-format sets it)"
                     if fmt == "auto" and record_fmt else "")
         raise DataError(f"{flag} {source}: {exc}{detected}") from exc
+    if not empty:
+        return None
+    return (f"{flag} {source}: {empty} of {len(records)} records have an empty {RESPONSE_FIELDS[record_fmt]}; "
+            "they teach only the end-of-text token")
 
 
 def check_run(cfg: RunConfig) -> Checked:
     """Every check that needs no weights and no tokenizer; raises a ConfigError or DataError naming the setting."""
     check_report_to(cfg)
+    check_output_dir(cfg)
     config = causal_lm_config(cfg.model, cfg.trust_remote_code)
+    check_quant_storage(prequantized(config), QUANT_STORAGE.get(cfg.quant_storage))
     check_packing(cfg, config)
     check_liger(cfg, config)
     check_targets(cfg, config)
     check_splits(cfg)
     records = read_records(cfg.dataset, cfg.dataset_split)
-    check_records(records, cfg.dataset_format, cfg.dataset, "--dataset")
+    notes = [check_records(records, cfg.dataset_format, cfg.dataset, "--dataset")]
     if cfg.eval_dataset or cfg.eval_dataset_split:
         source = cfg.eval_dataset or cfg.dataset
         eval_records = read_records(source, cfg.eval_dataset_split or "train")
-        check_records(eval_records, cfg.dataset_format, source, "--eval-dataset" if cfg.eval_dataset else "--dataset")
-        return Checked(config, records, eval_records)
-    return Checked(config, *split(records, cfg.eval_split, cfg.seed))
+        notes.append(check_records(eval_records, cfg.dataset_format, source,
+                                   "--eval-dataset" if cfg.eval_dataset else "--dataset"))
+    else:
+        records, eval_records = split(records, cfg.eval_split, cfg.seed)
+    return Checked(config, records, eval_records, [n for n in notes if n])
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """`--output-dir` is a folder, or can become one (no file in the way)."""
+    if cfg.output_dir is None:
+        return
+    path = Path(cfg.output_dir).expanduser()
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{option('output_dir')} {cfg.output_dir}: {blocking} is a file, not a folder. Choose "
+                          "another --output-dir (or move the file).")
 
 
 def check_packing(cfg: RunConfig, config: PretrainedConfig) -> None:

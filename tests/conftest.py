@@ -99,6 +99,33 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+def save_prequantized(source: str, path, compute_dtype: torch.dtype = torch.bfloat16) -> str:
+    """`source` quantized to 4-bit NF4 (double quantization, bf16 compute) by transformers and saved as it is,
+    with its tokenizer: a checkpoint like the `*-bnb-4bit` repos, whose config.json holds the quantization_config."""
+    from transformers import AutoTokenizer, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map="cpu")  # no forward: bitsandbytes repacks nothing
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def prequantized_model_dir(tiny_model_dir, tmp_path_factory):
+    """Folder factory: `prequantized_model_dir(family)` saves (once) the tiny model of that family pre-quantized."""
+    made: dict[str, str] = {}
+
+    def make(family: str = "qwen2") -> str:
+        if family not in made:
+            made[family] = save_prequantized(tiny_model_dir(family), tmp_path_factory.mktemp(f"{family}-bnb-4bit"))
+        return made[family]
+
+    return make
+
+
 def make_batches(n_batches: int = 2, batch_size: int = 2, seq_len: int = 12, seed: int = 0,
                  pad_last: int = 3) -> list[dict[str, torch.Tensor]]:
     """Random token batches with right padding (masked in labels) on the last sequence of each batch."""

@@ -109,3 +109,31 @@ def test_demo_has_no_gguf_tokenizer(demo_run, capsys):
     err = capsys.readouterr().err
     assert "WordLevel" in err and "merged folder" in err
     assert not (demo_run / "gguf").exists()
+
+
+def training_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids training put before the completion of a prompt-completion record with this prompt."""
+    from qloraga.data import IGNORE, tokenize
+
+    (example,), _ = tokenize([{"prompt": prompt, "completion": " 7"}], "prompt-completion", tokenizer, 512)
+    return example.input_ids[:next(i for i, label in enumerate(example.labels) if label != IGNORE)]
+
+
+def test_chat_renders_prompts_as_training_did(demo_run, capsys):
+    """The demo trains on prompt-completion data (config.yaml records the detected format): chat's prompt is the
+    message laid out as training laid out a prompt, no chat template, so its answer is the greedy completion of the
+    training-format prompt."""
+    run = open_run(demo_run)
+    assert run.config.dataset_format == "prompt-completion"
+    capsys.readouterr()
+    assert chat_main(["--run", str(demo_run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "prompts rendered as in training: prompt-completion" in captured.err
+    model, tokenizer = load_run_model(run)
+    ids = torch.tensor([training_prompt(tokenizer, PROMPT)])
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+    assert captured.out.strip() == tokenizer.decode(greedy, skip_special_tokens=True).strip()
+    assert chat_main(["--run", str(demo_run), "--prompt", PROMPT, "--system", "Be brief."]) == 2
+    assert "--system: this run trained on prompt-completion data" in capsys.readouterr().err

@@ -36,7 +36,7 @@ def test_run_is_scored_on_the_base_as_the_run_loaded_it(tmp_path, monkeypatch, c
     monkeypatch.setattr(loading, "load_model", spy)
     assert main(["--run", str(run), "--eval-samples", "2"]) == 0
     assert loads == [(str(DEMO_MODEL), {"load_in_4bit": True, "dtype": torch.float32, "trust_remote_code": False,
-                                         "quant_storage": torch.uint8})]
+                                         "quant_storage": None})]
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] > 0 and math.isfinite(result["eval_loss"])
 

@@ -82,7 +82,7 @@ def make_run(family: str, root, tokenizer=byte_level_tokenizer) -> tuple[str, Pe
     model_dir = save_family(family, root / "model", tokenizer)
     run = root / "run"
     run.mkdir()
-    cfg = RunConfig(model=model_dir, load_in_4bit=True, dtype="float32", output_dir=str(run))
+    cfg = RunConfig(model=model_dir, load_in_4bit=True, dtype="float32", output_dir=str(run), dataset_format="messages")
     cfg.lora_ga = QLoraGAConfig(r=4, lora_alpha=8, adapter_dtype="float32", progress=False)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     base = load_model(model_dir, load_in_4bit=True, dtype=torch.float32)
@@ -256,3 +256,19 @@ def test_ollama_templates():
     go, stops = ollama_template(FALLBACK_CHAT_TEMPLATE, "</s>")
     assert "{{ .Content }}</s>" in go and "</s>" in stops
     assert ollama_template("{{ something else }}", "</s>") == (None, ["</s>"])
+
+
+@pytest.mark.parametrize(("fmt", "record"), [("prompt-completion", {"prompt": "Tom has 3 apples", "completion": ""}),
+                                             ("alpaca", {"instruction": "Tom has 3 apples", "output": ""})])
+def test_modelfile_renders_prompts_as_training_did(tmp_path, fmt, record):
+    """A run on prompt-completion or alpaca data: Ollama's template puts the message where training put the
+    prompt (no chat template), and says so."""
+    from qloraga.data import render
+    from qloraga.export.gguf import write_modelfile
+
+    tok = byte_level_tokenizer()
+    modelfile = write_modelfile(tok, tmp_path / "Modelfile", fmt=fmt).read_text()
+    template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
+    assert template.replace("{{ .Prompt }}", "Tom has 3 apples") == render(record, fmt, tok)[0][0]
+    assert f"rendered as the run trained: {fmt}" in modelfile and "<|im_start|>" not in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile  # the EOS training closed each example with

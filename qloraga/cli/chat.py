@@ -1,9 +1,10 @@
 """Chat with a fine-tuned run: `qloraga chat --run OUT` (or `python scripts/chat.py --run OUT`).
 
 Loads the base as the run did (4-bit or not, its dtype) with the run's adapter (or `--checkpoint N`, with
-the LoRA-GA correction folded in), applies the tokenizer's chat template, streams the answer token by
-token and keeps the conversation. `--prompt` answers once and exits; `--base-only` talks to the untuned base.
-Type /reset to start a new conversation, /exit (or Ctrl-D) to leave.
+the LoRA-GA correction folded in), renders each message as the run's training rendered its prompts (the chat
+template for chat data; for prompt-completion, alpaca and text data that format's prompt, the message alone),
+streams the answer token by token and keeps the conversation. `--prompt` answers once and exits; `--base-only`
+talks to the untuned base. Type /reset to start a new conversation, /exit (or Ctrl-D) to leave.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 class Chat:
-    """A conversation with a model: the messages so far, one streamed answer per `reply`."""
+    """A conversation with a model: the messages so far, one streamed answer per `reply`, each prompt rendered
+    as data of format `fmt` was in training (`data.generation_prompt`)."""
 
-    def __init__(self, model, tokenizer, args: argparse.Namespace, stream=None):
-        self.model, self.tokenizer, self.args = model, tokenizer, args
+    def __init__(self, model, tokenizer, args: argparse.Namespace, stream=None, fmt: str = "messages"):
+        self.model, self.tokenizer, self.args, self.fmt = model, tokenizer, args, fmt
         self.stream = stream if stream is not None else sys.stdout
         self.messages: list[dict[str, str]] = []
         self.reset()
@@ -48,11 +50,13 @@ class Chat:
         import torch
         from transformers import TextStreamer
 
+        from qloraga.data import encode_prompt, generation_prompt
+
         self.messages.append({"role": "user", "content": text})
-        inputs = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)
+        ids = torch.tensor([encode_prompt(self.tokenizer, generation_prompt(self.messages, self.fmt, self.tokenizer),
+                                          self.fmt)])
         device = next(self.model.parameters()).device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         streamer.on_finalized_text = lambda chunk, stream_end=False: print(
             chunk, end="" if not stream_end else "\n", flush=True, file=self.stream)
@@ -87,18 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     from qloraga.cli import run_command
+    from qloraga.data import CHAT_FORMATS, RENDERINGS
+    from qloraga.errors import ConfigError
     from qloraga.runs import load_run_model, open_run
 
     def job() -> None:
         run = open_run(args.run)
+        fmt = run.dataset_format()
+        if args.system and fmt not in CHAT_FORMATS:
+            raise ConfigError(f"--system: this run trained on {fmt} data, whose prompts have no system message "
+                             "(only runs on messages or sharegpt data do). Drop --system.")
         model, tokenizer = load_run_model(run, checkpoint=args.checkpoint, base_only=args.base_only,
                                           dtype=args.dtype)
         if args.seed is not None:
             set_seed(args.seed)
         what = "the base alone" if args.base_only else (
             f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the fine-tuned adapter")
-        print(f"[qloraga] {run.config.model} with {what}", file=sys.stderr)
-        chat = Chat(model, tokenizer, args)
+        print(f"[qloraga] {run.config.model} with {what}; prompts rendered as in training: {RENDERINGS[fmt]}",
+              file=sys.stderr)
+        chat = Chat(model, tokenizer, args, fmt=fmt)
         if args.prompt is not None:
             chat.reply(args.prompt)
         else:

@@ -4,6 +4,7 @@ of each phase, from the model's config alone (a meta-device skeleton gives every
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from qloraga.init.chunks import (
     plan_chunks,
     training_step_bytes,
 )
-from qloraga.loading import model_source
+from qloraga.loading import model_source, prequantized, weights_description
 from qloraga.memory import free_memory_bytes
 from qloraga.preflight import check_run, model_skeleton
 from qloraga.presets import unique_parameters
@@ -120,6 +121,9 @@ def dry_run(cfg: RunConfig, notes: list[str] = ()) -> None:
     print("[qloraga] dry run: nothing is loaded onto a device and nothing is written")
     for line in notes:
         print(f"[qloraga] {line}")
+    for note in checked.notes:
+        print(f"note: {note}")
+    print(f"model: {cfg.model} ({weights_description(cfg, checked.model_config)})")
     print("resolved configuration:")
     print("  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
 
@@ -148,6 +152,8 @@ def dry_run(cfg: RunConfig, notes: list[str] = ()) -> None:
     if skeleton is None:
         print("memory estimate: not available (the model could not be built without weights)")
         return
+    if prequantized(checked.model_config):  # held in 4-bit as if --4bit had quantized it
+        cfg = dataclasses.replace(cfg, load_in_4bit=True)
     estimate = estimate_memory(skeleton, cfg)
     params = sum(p.numel() for p in unique_parameters(skeleton).values())
     print(f"memory estimate for {params / 1e6:.1f}M parameters, from config.json (the activations' share is an "

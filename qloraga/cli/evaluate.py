@@ -5,7 +5,8 @@
 
 With `--run`, the base is loaded exactly as the run loaded it (4-bit or not, compute dtype, quant storage,
 trust_remote_code, from its config.yaml), with the run's adapter (or checkpoint N's) and tokenizer; the
-dataset, its format and the sequence length default to the run's.
+dataset, its format and the sequence length default to the run's, so prompts are rendered as training rendered
+them (the result's `format` and a line on stderr say which rendering).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers import AutoTokenizer
 
 from qloraga.cli import run_command
 from qloraga.config import DEMO_EVAL, DEMO_MODEL
-from qloraga.data import Collator, prepare_tokenizer, read_records, tokenize
+from qloraga.data import RENDERINGS, Collator, prepare_tokenizer, read_records, resolve_format, tokenize
 from qloraga.errors import ConfigError
 from qloraga.evaluation import exact_match, held_out_loss
 from qloraga.loading import load_model, model_source
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             if dataset is None:
                 raise ConfigError(f"The run {args.run} held out a split of its training data (no eval_dataset): "
                                   "pass --dataset.")
-            fmt = args.dataset_format or cfg.dataset_format
+            fmt = args.dataset_format or run.dataset_format(default="auto")
             records = read_records(dataset)
             model, tokenizer = load_run_model(run, checkpoint=args.checkpoint)
             examples, _ = tokenize(records, fmt, tokenizer, args.seq_len or cfg.seq_len)
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(model_name, load_in_4bit=args.load_in_4bit)
             if args.adapter:
                 model = PeftModel.from_pretrained(model, args.adapter)
+        fmt = resolve_format(records, fmt)
+        print(f"[qloraga] prompts rendered as in training on {fmt} data: {RENDERINGS[fmt]}", file=sys.stderr)
         result = {
+            "format": fmt,
             "eval_loss": held_out_loss(model, examples, Collator(tokenizer.pad_token_id)),
             "accuracy": exact_match(model, tokenizer, records, fmt, max_samples=args.eval_samples),
             "samples": len(examples),

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_run_model(run, checkpoint=args.checkpoint, dtype=args.dtype)
         if args.format == "gguf":
             out = args.output or run.path / "gguf"
-            written = export_gguf(model, tokenizer, out, base=args.gguf_base)
+            written = export_gguf(model, tokenizer, out, base=args.gguf_base, fmt=run.dataset_format())
             print(f"GGUF files written to {out}: {', '.join(p.name for p in written)}."
                   + (f" Ollama: cd {out} && ollama create NAME -f Modelfile" if len(written) > 1 else ""))
             return

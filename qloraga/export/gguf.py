@@ -356,11 +356,27 @@ def ollama_template(chat_template: str | None, eos: str) -> tuple[str | None, li
     return None, [eos] if eos else []
 
 
-def write_modelfile(tokenizer, path: str | os.PathLike, model_file: str = "./model-q8_0.gguf") -> Path:
+def training_template(fmt: str, tokenizer) -> str:
+    """Ollama's template for a run trained on prompt-completion, alpaca or text data: the message (`.Prompt`)
+    in that format's prompt, as training rendered it (`data.generation_prompt`); llama.cpp adds the BOS."""
+    from qloraga.data import generation_prompt
+
+    return generation_prompt([{"role": "user", "content": "{{ .Prompt }}"}], fmt, tokenizer)
+
+
+def write_modelfile(tokenizer, path: str | os.PathLike, model_file: str = "./model-q8_0.gguf",
+                    fmt: str = "messages") -> Path:
+    """An Ollama Modelfile whose prompts are rendered as the run's training (on `fmt` data) rendered them."""
+    from qloraga.data import CHAT_FORMATS, RENDERINGS
+
     eos = tokenizer.eos_token or ""
-    template, stops = ollama_template(getattr(tokenizer, "chat_template", None), eos)
+    if fmt in CHAT_FORMATS:
+        template, stops = ollama_template(getattr(tokenizer, "chat_template", None), eos)
+    else:
+        template, stops = training_template(fmt, tokenizer), [eos]
     lines = [f"FROM {model_file}",
-             "# or the adapter on a base GGUF of the same model: FROM /path/to/base.gguf + ADAPTER ./adapter.gguf", ""]
+             "# or the adapter on a base GGUF of the same model: FROM /path/to/base.gguf + ADAPTER ./adapter.gguf",
+             f"# Prompts are rendered as the run trained: {RENDERINGS[fmt]}.", ""]
     if template is None:
         lines += ["# The chat template could not be expressed as an Ollama template: Ollama uses the one in the",
                   "# GGUF metadata (tokenizer.chat_template) where it recognises it. Add a TEMPLATE here if not.", ""]
@@ -378,9 +394,11 @@ def sentencepiece_like(spec: dict) -> bool:
     return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
 
 
-def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: bool = False) -> list[Path]:
+def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: bool = False,
+                fmt: str = "messages") -> list[Path]:
     """Write `adapter.gguf`, `model-f16.gguf`, `model-q8_0.gguf` and `Modelfile` into `out_dir`; with `base`
-    also `base-f16.gguf`, the dequantized base the adapter was trained on (for llama.cpp's --lora).
+    also `base-f16.gguf`, the dequantized base the adapter was trained on (for llama.cpp's --lora). The
+    Modelfile renders prompts as training on `fmt` data did.
 
     A SentencePiece-style tokenizer (BPE with byte fallback) gets `adapter.gguf` alone, for a base GGUF made by
     llama.cpp's convert_hf_to_gguf.py (a warning says so). Returns the files written."""
@@ -402,7 +420,7 @@ def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: b
     written.append(write_model_gguf(model, tokenizer, out_dir / "model-q8_0.gguf", "q8_0"))
     if base:
         written.append(write_model_gguf(model, tokenizer, out_dir / "base-f16.gguf", "f16", merged=False))
-    written.append(write_modelfile(tokenizer, out_dir / "Modelfile"))
+    written.append(write_modelfile(tokenizer, out_dir / "Modelfile", fmt=fmt))
     return written
 
 

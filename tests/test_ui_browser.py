@@ -130,14 +130,18 @@ class Page:
         self.d.set_window_size(1400, 1100)
 
 
-def line_pixels(png: bytes) -> int:
-    """Pixels of the plot's coloured lines (axes, grid and labels are grey)."""
+def line_pixels(png: bytes, hue: str = "any") -> int:
+    """Pixels of the plot's coloured lines (axes, grid and labels are grey): "blue" (the training loss),
+    "orange" (the held-out loss) or either."""
     import io
 
     from PIL import Image
 
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    return sum(max(p) - min(p) > 80 for p in image.getdata())
+    def coloured(r: int, g: int, b: int) -> bool:
+        if max(r, g, b) - min(r, g, b) <= 80:
+            return False
+        return hue == "any" or (b > r if hue == "blue" else r > b)
+    return sum(coloured(*p) for p in Image.open(io.BytesIO(png)).convert("RGB").getdata())
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -214,9 +218,9 @@ def test_page_end_to_end(server, browser, tmp_path):
     page.wait(lambda: "stopped" in page.text("live-status"), 120, message="the run stopping")
     assert checkpoints(run), "Stop wrote no checkpoint"
     assert not (run / "results.json").exists()
-    time.sleep(1.5)  # the last points drawn
-    drawn_stopped, count_stopped = line_pixels(page.el("#live-plot").screenshot_as_png), points()
-    assert drawn_stopped > 0, "the plot draws no line"
+    page.wait(lambda: line_pixels(page.el("#live-plot").screenshot_as_png, "blue"), 15,
+              message="the training loss drawn")
+    plot_stopped, count_stopped = page.el("#live-plot").screenshot_as_png, points()
 
     # Resume continues to the end; the plot gains the new points as they arrive.
     page.click("resume")
@@ -226,8 +230,10 @@ def test_page_end_to_end(server, browser, tmp_path):
     assert results["steps"] == 100
     assert "resuming from" in (runs / ".ui/browser-demo/log.txt").read_text()
     page.wait(lambda: points() > count_stopped, 10, message="the plot gaining points")
-    time.sleep(1.5)
-    assert line_pixels(page.el("#live-plot").screenshot_as_png) > drawn_stopped, "the line did not grow"
+    page.wait(lambda: line_pixels(page.el("#live-plot").screenshot_as_png, "orange"), 15,
+              message="the held-out loss drawn beside the training loss")
+    final = page.el("#live-plot").screenshot_as_png
+    assert line_pixels(final, "blue") and final != plot_stopped
     training_seconds = time.time() - started
     page.screenshot("live-run")
 

@@ -349,7 +349,10 @@ def build(runs: RunsFolder) -> gr.Blocks:
         start_button.click(do_start, [*fields_in, *top_in, name], [form_error, tabs, live_run, *marked])
 
         # ---- Live run: everything read back from the run's files every second ----
-        def live(run_name: str | None, shown: int):
+        def live(run_name: str | None, shown: str):
+            """Status, plot, log and buttons of the run, from its files. `shown` says what the plot holds
+            ("count|series", "" for nothing yet): a plot whose series change is cleared first, one tick
+            before the new data (Gradio 6 draws no line for a series added to a drawn plot)."""
             if not run_name:
                 return "No run yet: start one on the New run tab.", gr.skip(), "", shown, gr.skip(), gr.skip()
             state, progress = runs.state(run_name), runs.progress(run_name)
@@ -363,14 +366,21 @@ def build(runs: RunsFolder) -> gr.Blocks:
             points = curves(runs, [run_name], by_run=False)
             count = 0 if points is None else len(points)
             lines.append(f"{count} loss points")
-            plot = points if count != shown else gr.skip()
+            series = "" if points is None else ",".join(sorted(set(points["series"])))
+            now = f"{count}|{series}"
+            if now == shown:
+                plot = gr.skip()
+            elif shown and shown != "cleared" and shown.split("|")[1] != series:
+                plot, now = None, "cleared"
+            else:
+                plot = points
             running = state.state == "running"
-            return ("  \n".join(lines), plot, terminal(runs.log(run_name)), count,
+            return ("  \n".join(lines), plot, terminal(runs.log(run_name)), now,
                     gr.update(interactive=running), gr.update(interactive=state.resumable))
-        shown_points = gr.State(-1)
+        shown_points = gr.State("")
         live_out = [live_status, live_plot, live_log, shown_points, stop_button, resume_button]
         timer.tick(live, [live_run, shown_points], live_out, show_progress="hidden")
-        live_run.change(lambda n: live(n, -1), live_run, live_out)
+        live_run.change(lambda n: live(n, "?|?"), live_run, live_out)
 
         def stop(run_name: str | None):
             if run_name:
@@ -395,7 +405,10 @@ def build(runs: RunsFolder) -> gr.Blocks:
         listing_out = [table, compare, use_run, live_run]
         refresh.click(listing, compare, listing_out)
         page.load(listing, compare, listing_out)
-        compare.change(lambda names: curves(runs, names or [], by_run=True), compare, compare_plot)
+        def compared(names: list[str] | None) -> Iterator:
+            yield None  # cleared first: the runs picked bring new series (see `live`)
+            yield curves(runs, names or [], by_run=True)
+        compare.change(compared, compare, compare_plot)
 
         # ---- Use it: chat ----
         def chat(run_name: str | None, text: str, tuned: list, base: list, max_new: float,

@@ -79,5 +79,8 @@ def test_one_field_picks_the_method(tmp_path):
     both.write_text("init: lora-one\nlora_ga:\n  method: lora-ga\n")
     with pytest.raises(ConfigError, match="disagree"):
         resolve({"config": str(both)})
+    plain = tmp_path / "plain.yaml"  # a plain-LoRA run's config.yaml: its unused lora_ga.method is no conflict
+    plain.write_text("init: lora\nlora_ga:\n  method: lora-ga\n")
+    assert resolve({"config": str(plain)}).init == "lora"
     assert RunConfig(init="lora-one").lora_ga.method == "lora-one"
     assert resolve_settings({"init": "lora-ga"}).config.lora_ga.method == "lora-ga"

@@ -14,6 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from qloraga.config import (
     DEFAULT_LR,
+    METHODS,
     SECTION,
     QLoraGAConfig,
     RunConfig,
@@ -146,13 +147,14 @@ def init_from_method(settings: dict[str, Any], layers: list[dict[str, Any]]) -> 
         method = (layer.get(SECTION) or {}).get("method")
         if method is None:
             continue
-        if layer.get("init", method) != method:
+        if layer.get("init", method) in METHODS and layer.get("init", method) != method:
             from qloraga.errors import ConfigError
 
             raise ConfigError(f"init {layer['init']!r} and lora_ga.method {method!r} disagree: give --init / init "
                               "alone (it sets the method).")
         if "init" not in layer:
             settings = {**settings, "init": method}
+    # (A plain-LoRA run, init "lora", computes no gradient init: its lora_ga.method is not used.)
     return settings
 
 

@@ -30,7 +30,7 @@ $(VENV)/.installed-real: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[real]"
 	touch $@
 
-.PHONY: install demo demo-real test
+.PHONY: install demo demo-real test test-fast
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -43,3 +43,7 @@ demo-real: $(VENV)/.installed-real
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The unit tier alone (tests/conftest.py TIERS): functions and tiny models, a few minutes on 2 cores.
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m unit

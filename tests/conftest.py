@@ -86,6 +86,65 @@ def save_tiny(family: str, path, seed: int = 0, **overrides) -> str:
     return str(path)
 
 
+# ------------------------------------------------------------------------------------------------- test tiers
+# Every test gets one tier marker here, so no test module needs editing. `make test` (CI) runs every tier,
+# `make test-fast` the unit tier (`pytest -m unit`).
+#   unit: functions and tiny models in this process; no training run, subprocess, real model or llama.cpp.
+#   integration: the command line, the Trainer or llama.cpp end to end, real models, subprocesses.
+#   slow: wheel builds, several processes (torchrun, mp.spawn), the bench smoke test, interruption and kill
+#     tests, minutes on a real model, a real browser.
+# A key is a module or `module::test` (a test's name without its parameters, or the start of it); the longest
+# key that matches decides. A module no key names is integration, so a new module stays out of the fast tier
+# until someone lists it here. A test that marks its own tier (`pytest.mark.slow`) keeps it.
+TIERS = {
+    "test_adapters": "unit",
+    "test_adapters::test_import_needs_no_private_bitsandbytes_function": "integration",  # a subprocess
+    "test_bench_smoke": "slow",
+    "test_cache::test_interrupted_initialisation": "slow",
+    "test_cli::test_resume_after_interruption": "slow",
+    "test_distributed::test_cli_under_torchrun": "slow",
+    "test_distributed::test_ddp_steps": "slow",
+    "test_distributed::test_init_is_identical_on_every_rank": "slow",
+    "test_dryrun": "unit",
+    "test_errors": "unit",
+    "test_estimate": "unit",
+    "test_estimate::test_auto_budget_is_the_default": "integration",  # three whole initialisations
+    "test_export": "unit",
+    "test_factors": "unit",
+    "test_gguf::test_real_gguf_smollm2": "slow",
+    "test_gguf_smollm2": "slow",
+    "test_lora_one": "unit",
+    "test_lora_one::test_one_training_run": "integration",
+    "test_packaging": "slow",
+    "test_packing": "unit",
+    "test_packing::test_trainer_step": "integration",
+    "test_preflight": "unit",
+    "test_preflight::test_third_party_noise": "integration",  # a subprocess
+    "test_presets": "unit",
+    "test_properties": "unit",
+    "test_robustness::test_ctrl_c": "slow",
+    "test_robustness::test_sigkill": "slow",
+    "test_robustness::test_the_nan_guard": "unit",
+    "test_sharegpt": "unit",
+    "test_sketch::test_regenerated_test_matrices": "unit",
+    "test_sketch::test_sketch_of_an_explicit_low_rank_matrix": "unit",
+}
+TIER_NAMES = ("unit", "integration", "slow")
+
+
+def tier(module: str, test: str) -> str:
+    """The tier `TIERS` gives test `test` (its name without parameters) of module `module`."""
+    name = f"{module}::{test}"
+    keys = [k for k in TIERS if name.startswith(k if "::" in k else k + "::")]
+    return TIERS[max(keys, key=len)] if keys else "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIER_NAMES):
+            item.add_marker(getattr(pytest.mark, tier(item.path.stem, getattr(item, "originalname", item.name))))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Folder factory: `tiny_model_dir(family)` saves (once) a tiny random model of that family."""

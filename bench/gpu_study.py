@@ -41,7 +41,9 @@ import torch
 SCRIPT = Path(__file__).resolve()
 TASKS = ["debian", "pydoc"]
 FULL = "full fine-tuning (bf16 base)"
-METHODS = [rc.PLAIN, "LoRA-One (qloraga)", "LoRA-GA (qloraga, exact)", FULL]
+# Issue 21's rows: LoRA-One at GoRA's per-layer ranks, and GoRA's own init at them (the same parameter budget).
+METHODS = [rc.PLAIN, "LoRA-One (qloraga)", "LoRA-GA (qloraga, exact)", "LoRA-One + gradient ranks", "GoRA (qloraga)",
+           FULL]
 GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 EVAL_STEPS = [10, 25, 50, 100, 200, 500, 1000]
 STEP_CHOICES = [1000, 500, 400, 300, 200, 100, 50]  # the first that fits; the issue asks for 1000, at least 500

@@ -36,7 +36,8 @@ def child(spec: dict) -> dict:
     if spec["method"] == "qloraga":
         peft_model, stats = common.measure(lambda: common.qloraga_model(
             model, batches, r=r, init_memory_gb=spec["init_memory_gb"], estimator=spec.get("estimator", "exact"),
-            gradient_checkpointing=spec.get("checkpointing", True)))
+            gradient_checkpointing=spec.get("checkpointing", True),
+            rank_allocation=spec.get("rank_allocation", "uniform")))
         stats["chunks"] = peft_model.qloraga_report.chunks
         stats["budget"] = peft_model.qloraga_report.budget
     elif spec["method"] == "peft_loraga":
@@ -156,6 +157,12 @@ def run_main(args, spec) -> dict:
         "(a') qloraga 4-bit, init_memory_gb=4": spec("qloraga", args.shape, init_memory_gb=4.0),
         "(a auto) qloraga 4-bit, init_memory_gb=auto (default)": spec("qloraga", args.shape, init_memory_gb="auto"),
         "(a'') qloraga 4-bit, estimator=sketch": spec("qloraga", args.shape, init_memory_gb=4.0, estimator="sketch"),
+        # Issue 21: the gradient rank allocation keeps every layer's summary until the last chunk (LoRA-GA: its
+        # top 2 rank_max singular triplets, the largest summary), against the uniform ranks' rows above.
+        "(a1 grad) qloraga 4-bit, 1 block per chunk, rank_allocation=gradient": spec(
+            "qloraga", args.shape, init_memory_gb=budget / args.chunk_blocks, rank_allocation="gradient"),
+        "(a auto grad) qloraga 4-bit, init_memory_gb=auto, rank_allocation=gradient": spec(
+            "qloraga", args.shape, init_memory_gb="auto", rank_allocation="gradient"),
         "(b) PEFT lora_ga bf16": spec("peft_loraga", args.shape),
         "(c) QLoRA step": spec("qlora_step", args.shape),
         "(c ckpt) QLoRA step, checkpointing": spec("qlora_step", args.shape, checkpointing=True),
@@ -187,6 +194,13 @@ def run_main(args, spec) -> dict:
             net = (x["peak_gb"] - base) / (y["peak_gb"] - base)
             ratios.append({"ratio": f"{label}/{other}", "goal": f"<= {goal}", "peak": raw, "peak - import": net,
                            "met (peak)": raw <= goal, "met (peak - import)": net <= goal})
+    for grad, uniform in (("(a1 grad)", "(a1)"), ("(a auto grad)", "(a auto)")):  # issue 21: the same peak
+        x = next((v for k, v in results.items() if short(k) == grad), None)
+        y = next((v for k, v in results.items() if short(k) == uniform), None)
+        if x and y:
+            raw, net = x["peak_gb"] / y["peak_gb"], (x["peak_gb"] - base) / (y["peak_gb"] - base)
+            ratios.append({"ratio": f"{grad}/{uniform}", "goal": "<= 1.05", "peak": raw, "peak - import": net,
+                           "met (peak)": raw <= 1.05, "met (peak - import)": net <= 1.05})
     one_block = results.get("(a1) qloraga 4-bit, 1 block per chunk")  # the plan the old auto made (issue 18)
     auto = results.get("(a auto) qloraga 4-bit, init_memory_gb=auto (default)")
     if one_block and auto:

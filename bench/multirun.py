@@ -37,13 +37,23 @@ class SlotLinear(nn.Module):
     def __init__(self, base: nn.Module, layers: Sequence[LoraLayer]):
         super().__init__()
         self.base = base
-        self.a = nn.ParameterList([nn.Parameter(x.lora_A[ADAPTER].weight.detach().clone()) for x in layers])
-        self.b = nn.ParameterList([nn.Parameter(x.lora_B[ADAPTER].weight.detach().clone()) for x in layers])
+        # Runs whose ranks differ here (a gradient rank allocation, per seed) are zero-padded to the widest: the
+        # padded rows of A and columns of B get zero gradients, so they stay zero and change nothing.
+        rank = max(x.lora_A[ADAPTER].weight.shape[0] for x in layers)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (r, in) -> (rank, in)
+            return F.pad(t.detach().clone(), (0, 0, 0, rank - t.shape[0]))
+
+        def cols(t: torch.Tensor) -> torch.Tensor:  # (out, r) -> (out, rank)
+            return F.pad(t.detach().clone(), (0, rank - t.shape[1]))
+
+        self.a = nn.ParameterList([nn.Parameter(rows(x.lora_A[ADAPTER].weight)) for x in layers])
+        self.b = nn.ParameterList([nn.Parameter(cols(x.lora_B[ADAPTER].weight)) for x in layers])
         self.scaling = layers[0].scaling[ADAPTER]
         self.corrected = getattr(layers[0], A0_BUFFER, None) is not None
         if self.corrected:
-            self.register_buffer("a0", torch.stack([getattr(x, A0_BUFFER) for x in layers]))
-            self.register_buffer("b0", torch.stack([getattr(x, B0_BUFFER) for x in layers]))
+            self.register_buffer("a0", torch.stack([rows(getattr(x, A0_BUFFER)) for x in layers]))
+            self.register_buffer("b0", torch.stack([cols(getattr(x, B0_BUFFER)) for x in layers]))
         self.only: int | None = None
 
     def factors(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +176,8 @@ def train_group(model: nn.Module, params: list[list[nn.Parameter]], orders: list
     return curves
 
 
-GROUPABLE = {"lora", "lora-ga", "lora-one"}  # inits whose runs share the frozen 4-bit base unchanged
+# inits whose runs share the frozen 4-bit base unchanged
+GROUPABLE = {"lora", "lora-ga", "lora-one", "lora-one-ranks", "gora"}
 
 
 @dataclass

@@ -144,23 +144,37 @@ def check_target_rank(targets: dict[str, nn.Linear], r: int, directions: int) ->
                           f"target dimension is {smallest} ({name}). Use r <= {smallest * r // directions}.")
 
 
+def rank_patterns(ranks: dict[str, int], r: int, scaling: float, factor: int = 1) -> dict[str, dict]:
+    r"""PEFT's `rank_pattern` and `alpha_pattern` for the layers whose rank is not `r` (full module names, which
+    PEFT matches as `(.*\.)?name$`), each at the same scaling `s = alpha / rank` as the others; `factor` 2 for
+    the rank-2r export of a corrected adapter. Empty for uniform ranks."""
+    other = {n: k for n, k in sorted(ranks.items()) if k != r}
+    if not other:
+        return {}
+    return {"rank_pattern": {n: factor * k for n, k in other.items()},
+            "alpha_pattern": {n: factor * scaling * k for n, k in other.items()}}
+
+
 def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig) -> PeftModel:
-    """A PEFT model whose adapter "default" starts at the given factors: with the frozen correction for
-    LoRA-GA (step 0 = the base), without it for LoRA-One (step 0 = the base plus the initial product)."""
-    peft_config = lora_config(config.r, config.lora_alpha, sorted(factors), config.lora_dropout)
+    """A PEFT model whose adapter "default" starts at the given factors (per-layer ranks from their shapes):
+    with the frozen correction for LoRA-GA (step 0 = the base), without it for LoRA-One and GoRA (step 0 =
+    the base plus the initial product)."""
+    ranks = {n: a0.shape[0] for n, (a0, _) in factors.items()}
+    peft_config = lora_config(config.r, config.lora_alpha, sorted(factors), config.lora_dropout,
+                              **rank_patterns(ranks, config.r, config.scaling))
     peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
     base = peft_model.get_base_model()
     for name, (a0, b0) in factors.items():
-        if config.method == "lora-one":
-            start_adapter(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
-        else:
+        if config.method == "lora-ga":
             attach_correction(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
+        else:
+            start_adapter(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
     return peft_model
 
 
 def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable[dict]) -> PeftModel:
-    """LoRA-GA (or LoRA-One, `config.method`) on `model` (4-bit or not): estimate the gradient on `batches`,
-    factorise, wire PEFT adapters.
+    """LoRA-GA (or LoRA-One or GoRA, `config.method`) on `model` (4-bit or not): estimate the gradient on
+    `batches`, factorise (at per-layer ranks under `rank_allocation: gradient`), wire PEFT adapters.
 
     `batches` is re-iterable (list or DataLoader) of dicts with `input_ids`, `attention_mask`, `labels`.
     With LoRA-GA the returned model computes exactly what `model` computed, until it is trained; with
@@ -170,7 +184,7 @@ def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable
     config.validate()
     check_batches(batches)
     targets = find_target_layers(model, config.target_modules)
-    check_target_rank(targets, config.r, config.r if config.method == "lora-one" else 2 * config.r)
+    check_target_rank(targets, config.r, 2 * config.r if config.method == "lora-ga" else config.r)
     disable_cpu_repacking(model)
     factors, report = initial_factors(model, targets, batches, config)
     peft_model = wire_adapters(model, factors, config)

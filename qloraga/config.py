@@ -21,8 +21,12 @@ from qloraga.errors import ConfigError
 Direction = Literal["ArB2r", "A2rBr", "ArBr", "random"]
 Scale = Literal["stable", "gd", "unit", "weight_svd"]
 Estimator = Literal["exact", "sketch"]
-Method = Literal["lora-ga", "lora-one"]  # gradient-aligned inits the library computes
-Init = Literal["lora-ga", "lora-one", "lora"]  # what a run can start from (lora: PEFT's plain B = 0)
+Method = Literal["lora-ga", "lora-one", "gora"]  # gradient-aligned inits the library computes
+Init = Literal["lora-ga", "lora-one", "gora", "lora"]  # what a run can start from (lora: PEFT's plain B = 0)
+# Per-layer ranks: the same r everywhere, or GoRA's allocation from each layer's gradient at the same budget;
+# its importance: GoRA's sensitivity mean |W * G|, or the norm of the gradient's best rank-r part.
+RankAllocation = Literal["uniform", "gradient"]
+Importance = Literal["sensitivity", "spectrum"]
 DatasetFormat = Literal["auto", "alpaca", "messages", "prompt-completion", "sharegpt", "text"]
 DtypeName = Literal["bfloat16", "float32"]
 QuantStorage = Literal["uint8", "bfloat16", "float32"]
@@ -38,7 +42,9 @@ ADAPTER_DTYPES = COMPUTE_DTYPES
 # wins). LoRA-One and plain LoRA want plain QLoRA's rate: on SmolLM2-135M both were best at the same rate
 # (BENCHMARKS.md section 6); 2e-4 is the QLoRA paper's for 7B-13B. LoRA-GA wants a full fine-tuning rate
 # (2e-5 at 7B, the LoRA-GA paper's; 3-10x below QLoRA's on SmolLM2).
-DEFAULT_LR = {"lora-one": 2e-4, "lora": 2e-4, "lora-ga": 2e-5}
+# GoRA trains a plain LoRA adapter started from the compressed gradient, no correction (as LoRA-One): the
+# LoRA rate too, the GoRA paper's own comparisons run it at LoRA's rate (arXiv 2502.12171).
+DEFAULT_LR = {"lora-one": 2e-4, "lora": 2e-4, "lora-ga": 2e-5, "gora": 2e-4}
 # The embedded demo (`model: demo`, `dataset: demo`): a tiny self-trained Llama and its word problems.
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_MODEL = DEMO_DIR / "model"
@@ -172,6 +178,19 @@ class QLoraGAConfig:
     # from 5.2 to 62; 1024-4096 lowered it at step 0 (validation splits of bench/real_convergence.py).
     lora_one_gamma: float = setting(2048.0, "LoRA-One's gamma: step 0 moves a weight by s sqrt(out)/gamma",
                                     flag=None)
+    # GoRA (He et al., arXiv 2502.12171; docs/ALGORITHM.md section 8): ranks from each layer's gradient at the
+    # uniform run's trainable-parameter budget, every layer at the uniform run's scaling s = alpha / r.
+    rank_allocation: RankAllocation = setting("uniform", "per-layer ranks: uniform (r everywhere) or gradient "
+                                                         "(GoRA's allocation from each layer's gradient, the same "
+                                                         "trainable parameters)")
+    rank_importance: Importance = setting("sensitivity", "gradient allocation's importance per layer: sensitivity "
+                                                         "(GoRA's mean |W * G|) or spectrum (||G_r||_F)", flag=None)
+    rank_min: int | None = setting(None, "gradient allocation: smallest rank of a layer (null: r/2)", flag=None)
+    rank_max: int | None = setting(None, "gradient allocation: largest rank of a layer (null: 4r)", flag=None)
+    # GoRA's gamma: its initial product is -gamma sqrt(in/r) G A^+ A, whose expected Frobenius norm is
+    # gamma ||G||_F (one gradient step of rate gamma, compressed on A's r random directions); the paper's 0.05.
+    gora_gamma: float = setting(0.05, "GoRA's gamma: the initial product's expected norm is gamma ||G||_F",
+                                flag=None)
     init_memory_gb: float | str = setting("auto", "memory budget (GiB) of one chunk's gradient accumulators, or "
                                                   "auto: the fewest passes the free memory allows")
     chunk_blocks: int | None = setting(None, "decoder blocks per chunk (null: planned from init_memory_gb)",
@@ -204,6 +223,14 @@ class QLoraGAConfig:
         return self.lora_alpha / self.r
 
     @property
+    def rank_bounds(self) -> tuple[int, int]:
+        """The smallest and largest rank a layer may get (both r under the uniform allocation)."""
+        if self.rank_allocation == "uniform":
+            return self.r, self.r
+        return (max(1, self.r // 2) if self.rank_min is None else self.rank_min,
+                4 * self.r if self.rank_max is None else self.rank_max)
+
+    @property
     def torch_adapter_dtype(self) -> torch.dtype:
         return ADAPTER_DTYPES[self.adapter_dtype]
 
@@ -220,7 +247,16 @@ class QLoraGAConfig:
                               "twice the rank.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"{option('lora_ga.lora_dropout')} must be in [0, 1), got {self.lora_dropout!r}.")
-        for name in ("stable_gamma", "lora_one_gamma"):
+        for name in ("rank_min", "rank_max"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{option(SECTION + '.' + name)} must be at least 1 (or null), got "
+                                  f"{getattr(self, name)!r}.")
+        low, high = self.rank_bounds
+        if not low <= self.r <= high:
+            raise ConfigError(f"{option('lora_ga.rank_min')} <= {option('lora_ga.r')} <= "
+                              f"{option('lora_ga.rank_max')} must hold (the budget is the uniform rank's), got "
+                              f"{low} <= {self.r} <= {high}.")
+        for name in ("stable_gamma", "lora_one_gamma", "gora_gamma"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{option(SECTION + '.' + name)} must be positive, got {getattr(self, name)!r}.")
         if isinstance(self.init_memory_gb, str) and self.init_memory_gb != "auto":
@@ -280,7 +316,8 @@ class RunConfig:
     # learning rates (BENCHMARKS.md section 6); `--init lora-ga` is the paper-exact LoRA-GA (step 0 = the base).
     init: Init = setting("lora-one", "adapter initialisation: lora-one (top-r of -G, no correction: step 0 "
                                      "carries a scaled gradient step), lora-ga (step 0 = the base, through a "
-                                     "frozen correction) or lora (plain B=0)")
+                                     "frozen correction), gora (random A, B from the "
+                                     "gradient's pseudo-inverse: GoRA) or lora (plain B=0)")
     ga_batches: int = setting(8, "training batches the init estimates the gradient on",
                               aliases=("--init-batches",))
     max_steps: int = setting(-1, "optimizer steps (overrides --epochs when > 0)")
@@ -343,6 +380,10 @@ class RunConfig:
         for name in ("eval_samples", "eval_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{option(name)} must be 0 or more, got {getattr(self, name)}.")
+        if self.init == "lora" and self.lora_ga.rank_allocation != "uniform":
+            raise ConfigError(f"{option('lora_ga.rank_allocation')} {self.lora_ga.rank_allocation} allocates "
+                              "ranks from the gradient, which --init lora does not compute: use --init lora-one, "
+                              "lora-ga or gora, or --rank-allocation uniform.")
         self.lora_ga.validate()
         return self
 

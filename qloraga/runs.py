@@ -169,6 +169,8 @@ def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
         tensors = corrected_tensors(tensors, factors)
         config["r"] = 2 * config["r"]
         config["lora_alpha"] = 2 * config["lora_alpha"]
+        for pattern in ("rank_pattern", "alpha_pattern"):  # per-layer ranks (gradient allocation) double too
+            config[pattern] = {k: 2 * v for k, v in (config.get(pattern) or {}).items()}
     save_tensors(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     save_json(config, out_dir / "adapter_config.json")
     return out_dir

@@ -19,6 +19,7 @@ from qloraga.init.chunks import (
     activation_bytes,
     adapter_params,
     free_budget,
+    held_floats,
     init_own_bytes,
     moment_bytes,
     plan_chunks,
@@ -95,10 +96,11 @@ def estimate_memory(skeleton: nn.Module, cfg: RunConfig) -> MemoryEstimate:
     budget = lora.init_memory_gb
     if budget == "auto":
         free = max(free_memory_bytes(torch.device("cuda" if cuda else "cpu")) - int(weights), 0)
-        budget = free_budget(free, checkpointed, init_own_bytes(targets, lora.r, lora.svd_niter)).gb
+        own = init_own_bytes(targets, lora.r, lora.svd_niter, held_floats(targets, lora))
+        budget = free_budget(free, checkpointed, own).gb
     chunks = plan_chunks(skeleton, targets, init_memory_gb=budget, chunk_blocks=lora.chunk_blocks)
     accumulators = max(sum(4 * targets[n].in_features * targets[n].out_features for n in c) for c in chunks)
-    own = init_own_bytes(targets, lora.r, lora.svd_niter)
+    own = init_own_bytes(targets, lora.r, lora.svd_niter, held_floats(targets, lora))
     return MemoryEstimate(weights, weights + accumulators + own + checkpointed, weights + adapters + activations,
                           len(chunks))
 

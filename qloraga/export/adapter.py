@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel
 
-from qloraga.adapters import A0_BUFFER, ADAPTER, B0_BUFFER, PEFT_PREFIX, corrected_layers, lora_config
+from qloraga.adapters import (
+    A0_BUFFER,
+    ADAPTER,
+    B0_BUFFER,
+    PEFT_PREFIX,
+    corrected_layers,
+    lora_config,
+    rank_patterns,
+)
 from qloraga.errors import ModelSourceError
 from qloraga.io import atomic_dir, save_tensors
 from qloraga.loading import disable_cpu_repacking
@@ -47,8 +55,10 @@ def adapter_config(model: PeftModel) -> LoraConfig:
     peft_config = model.peft_config[ADAPTER]
     base = model.get_base_model()
     names = [n.removeprefix(PEFT_PREFIX) for n in layers]
+    ranks = {n: layers[PEFT_PREFIX + n].r[ADAPTER] for n in names}
     return lora_config(2 * peft_config.r, 2 * peft_config.lora_alpha, short_target_names(base, names),
-                       peft_config.lora_dropout, base_model_name_or_path=getattr(base, "name_or_path", None) or None)
+                       peft_config.lora_dropout, base_model_name_or_path=getattr(base, "name_or_path", None) or None,
+                       **rank_patterns(ranks, peft_config.r, peft_config.lora_alpha / peft_config.r, factor=2))
 
 
 def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool | None = None,

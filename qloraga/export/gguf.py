@@ -292,7 +292,10 @@ def lora_pairs(model: PeftModel) -> Iterator[tuple[str, torch.Tensor, torch.Tens
 
 
 def write_adapter_gguf(model: PeftModel, path: str | os.PathLike) -> Path:
-    """llama.cpp's LoRA adapter format: `<gguf weight>.lora_a` (r, in), `.lora_b` (out, r), alpha = s * r."""
+    """llama.cpp's LoRA adapter format: `<gguf weight>.lora_a` (r, in), `.lora_b` (out, r), one alpha for the
+    file. llama.cpp scales each layer by `alpha / rank`, its rank read from that layer's tensors, so layers of
+    different ranks (a gradient allocation) load as they are; a layer whose `s * rank` is not the file's alpha
+    (e.g. every layer at one scaling s but different ranks) has the ratio folded into its lora_b."""
     gguf = gguf_module()
     config = model.get_base_model().config
     arch = architecture(config)
@@ -301,23 +304,21 @@ def write_adapter_gguf(model: PeftModel, path: str | os.PathLike) -> Path:
     pairs = list(lora_pairs(model))
     if not pairs:
         raise GGUFExportError("This model has no LoRA adapter to export.")
-    alphas = {s * a.shape[0] for _, a, _, s in pairs}
-    if len(alphas) != 1:
-        raise GGUFExportError("llama.cpp's adapter format has one alpha for all layers; this adapter's layers "
-                              "have different ranks or scalings (rank_pattern/alpha_pattern).")
+    alpha = pairs[0][3] * pairs[0][1].shape[0]  # the first layer's s * rank; the others' ratio goes into lora_b
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alphas.pop())
-        for name, a, b, _ in pairs:
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for name, a, b, scaling in pairs:
             target = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
             if target is None:
                 raise GGUFExportError(f"No GGUF name for adapted layer {name!r}.")
+            ratio = scaling * a.shape[0] / alpha  # llama.cpp computes (alpha / rank) B A: 1 unless s * rank differs
             writer.add_tensor(f"{target}.lora_a", a.numpy())
-            writer.add_tensor(f"{target}.lora_b", rows_permuted(name, b, config, arch).contiguous().numpy())
+            writer.add_tensor(f"{target}.lora_b", (rows_permuted(name, b, config, arch) * ratio).contiguous().numpy())
         finish(writer, tmp)
         os.replace(tmp, path)
     finally:

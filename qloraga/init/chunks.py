@@ -18,6 +18,7 @@ from torch import nn
 
 from qloraga import distributed
 from qloraga.config import resolve_optim
+from qloraga.init.ranks import rank_cap
 from qloraga.memory import free_memory_bytes
 from qloraga.targets import block_index, decoder_blocks
 
@@ -88,10 +89,27 @@ def training_step_bytes(params: int, adapter_bytes: int, moments: int) -> int:
     return params * (3 * adapter_bytes + moments)
 
 
-def init_own_bytes(targets: dict[str, nn.Linear], r: int, svd_niter: int | None) -> int:
-    """What the exact init holds besides its accumulators and activations: every target's fp32 factors and
-    one layer's SVD workspace."""
-    return adapter_params(targets, r) * BYTES_FP32 + svd_workspace_bytes(targets, svd_niter, r)
+def held_floats(targets: dict[str, nn.Linear], config) -> int:
+    """fp32 values the exact init keeps for every target until it ends (`config`: a `QLoraGAConfig`): its
+    factors. Under the gradient allocation no layer is factorised before every chunk's importance is known;
+    finished chunks' summaries wait on disk (`pipeline.Finisher`), so in memory: the factors (the same budget
+    of parameters) and one chunk's summaries at their largest rank `cap` (LoRA-One: `cap` singular triplets,
+    LoRA-GA: `2 cap`, GoRA: `G A^T`, out x cap), bounded here by the largest layer's."""
+    held = adapter_params(targets, config.r)
+    if config.rank_allocation == "uniform":
+        return held
+    worst = 0
+    for m in targets.values():
+        rows = m.out_features if config.method == "gora" else m.out_features + m.in_features + 1
+        worst = max(worst, rows * rank_cap(m, config) * (2 if config.method == "lora-ga" else 1))
+    return held + worst
+
+
+def init_own_bytes(targets: dict[str, nn.Linear], r: int, svd_niter: int | None, held: int | None = None) -> int:
+    """What the exact init holds besides its accumulators and activations: every target's fp32 factors (or
+    `held` values, `held_floats`) and one layer's SVD workspace."""
+    held = adapter_params(targets, r) if held is None else held
+    return held * BYTES_FP32 + svd_workspace_bytes(targets, svd_niter, r)
 
 
 def free_budget(free: int, activations: int, own: int) -> Budget:
@@ -111,7 +129,8 @@ def batch_tokens(batches: Iterable[dict]) -> int:
 
 
 def auto_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict], *, r: int,
-                svd_niter: int | None, checkpointing: bool, free_bytes: int | None = None) -> Budget:
+                svd_niter: int | None, checkpointing: bool, free_bytes: int | None = None,
+                held: int | None = None) -> Budget:
     """`init_memory_gb="auto"`: the chunk's accumulators get the memory free on the targets' device (CUDA
     `mem_get_info`, CPU `MemAvailable`) less this init's activations, fp32 factors and SVD workspace
     (`free_budget`). Every process uses rank 0's budget (the same chunks everywhere)."""
@@ -119,7 +138,7 @@ def auto_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterab
     width = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
     activations = activation_bytes(getattr(model, "config", None), batch_tokens(batches), width, checkpointing)
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
-    return distributed.broadcast_object(free_budget(free, activations, init_own_bytes(targets, r, svd_niter)))
+    return distributed.broadcast_object(free_budget(free, activations, init_own_bytes(targets, r, svd_niter, held)))
 
 
 def plan_chunks(
@@ -178,4 +197,4 @@ def chunk_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
     if config.init_memory_gb != "auto":
         return Budget(float(config.init_memory_gb))
     return auto_budget(model, targets, batches, r=config.r, svd_niter=config.svd_niter,
-                       checkpointing=config.gradient_checkpointing)
+                       checkpointing=config.gradient_checkpointing, held=held_floats(targets, config))

@@ -185,3 +185,33 @@ def lora_one_from_spectrum(
     root = (s[:r] / s[0]).clamp(min=0).sqrt()
     factor = scale_factor(scale, u.shape[0], r, stable_gamma=stable_gamma, scaling=scaling, weight=weight)
     return (root[:, None] * vt[:r] * factor).contiguous(), (u[:, :r] * root * factor).contiguous()
+
+
+def kaiming_a(r: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """PEFT's default LoRA `A` (Kaiming-uniform with a = sqrt(5) on an (r, in) matrix: U(-1/sqrt(in), 1/sqrt(in)))."""
+    bound = 1.0 / in_features**0.5
+    return (torch.rand(r, in_features, generator=generator) * 2 - 1) * bound
+
+
+def gora_scale(gamma: float, r: int, in_features: int, scaling: float) -> float:
+    """GoRA's factor on `B` (docs/ALGORITHM.md section 8): the product `s B A` is `-gamma sqrt(in / r) G A^+ A`.
+    `G A^+ A` projects G on r random directions of its `in` columns, which keeps `r / in` of its squared norm
+    in expectation, so the initial change's expected Frobenius norm is `gamma ||G||_F`: one step of gradient
+    descent at rate gamma, compressed to rank r. `scaling` is the adapter's s = alpha / r."""
+    return gamma * (in_features / r) ** 0.5 / scaling
+
+
+def gora_factors(projected: torch.Tensor, a: torch.Tensor, *, gamma: float = QLoraGAConfig.gora_gamma,
+                 scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """GoRA's initial factors `(A, B)`, fp32, from `A` (r x in, random) and `projected = G A^T` (out x r).
+
+    `B = -xi G A^T (A A^T)^-1` (the pseudo-inverse solve of `B A = -xi G` on A's row space, the paper's Eq. 9,
+    with `xi = gora_scale`), so `s B A = -gamma sqrt(in / r) G A^+ A`. No offset is subtracted from the base:
+    step 0 carries that compressed gradient step, as in the paper (and with it a 4-bit base stays as loaded).
+    Only `G A^T` is needed, not G: the init keeps that for every layer while the ranks are being allocated.
+    """
+    a = a.float()
+    r, in_features = a.shape
+    gram = a @ a.T
+    b = -torch.linalg.solve(gram, projected.float().T).T  # G A^T (A A^T)^-1, A A^T symmetric
+    return a.contiguous(), (b * gora_scale(gamma, r, in_features, scaling)).contiguous()

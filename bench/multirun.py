@@ -119,12 +119,18 @@ def joined(batches: Sequence[dict], pad_id: int) -> dict:
 
 
 def run_losses(model: nn.Module, batch: dict, k: int) -> torch.Tensor:
-    """Each run's mean loss per completion token over its own rows (what the model's loss is for one run)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    """Each run's mean loss per completion token over its own rows (what the model's loss is for one run). The
+    head is applied to the positions that predict a label only: 18 runs' logits over every position of a batch
+    would be gigabytes (49152 words), for a few completion tokens per row."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
     mask = labels != -100
-    return (losses * mask).sum(1).view(k, -1).sum(1) / mask.sum(1).view(k, -1).sum(1)
+    losses = F.cross_entropy(lm.lm_head(hidden[:, :-1][mask]).float(), labels[mask], reduction="none")
+    run = mask.nonzero()[:, 0] // (mask.shape[0] // k)  # row i belongs to run i // rows per run
+    total = torch.zeros(k, device=losses.device, dtype=losses.dtype).index_add_(0, run, losses)
+    return total / mask.view(k, -1).sum(1)
 
 
 def group_step(model: nn.Module, params: list[list[nn.Parameter]], optimizer: torch.optim.Optimizer,

@@ -30,16 +30,6 @@ def test_step0_logits_equal_the_4bit_base(tiny_model_dir, adapter_dtype):
     assert rel(logits(peft_model, batches), base) < 1e-5
 
 
-def first_step_cosines(model, batches, lr=1e-3):
-    """Per layer: cosine of the first SGD step's effective weight change with -G, and the rank-2r bound."""
-    sgd_step(model, batches, lr)
-    out = {}
-    for name, layer in model.get_base_model().named_modules():
-        if hasattr(layer, "lora_A") and "default" in layer.lora_A:
-            out[name] = layer
-    return out
-
-
 def bound(grad, k):
     s = torch.linalg.svdvals(grad.double())
     return (s[:k].norm() / s.norm()).item()

@@ -16,6 +16,7 @@ from transformers import (
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    TrainerCallback,
 )
 
 torch.set_num_threads(2)
@@ -122,6 +123,7 @@ TIERS = {
     "test_preflight::test_third_party_noise": "integration",  # a subprocess
     "test_presets": "unit",
     "test_properties": "unit",
+    "test_ranks": "unit",
     "test_robustness::test_ctrl_c": "slow",
     "test_robustness::test_sigkill": "slow",
     "test_robustness::test_the_nan_guard": "unit",
@@ -279,3 +281,65 @@ def run_cli(model, dataset, out, *extra) -> int:
             "--save-steps", "2", "--logging-steps", "1", "--eval-samples", "4", "--no-gradient-checkpointing",
             "--dtype", "float32", *extra]  # fp32 compute: bf16 matmuls are emulated (slow) on CPUs like CI's
     return main(argv)
+
+
+class Interrupt(TrainerCallback):
+    """Ctrl-C as if pressed during step 3 of a run."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:  # after the checkpoint of step 2, before the end
+            raise KeyboardInterrupt
+
+
+def estimated(model, batches, chunk_blocks=None, init_memory_gb=4.0, checkpointing=False):
+    """The estimator's gradient of every target layer, chunk by chunk as planned, and the chunks."""
+    from qloraga.init.chunks import plan_chunks
+    from qloraga.init.gradient import accumulate_chunk
+    from qloraga.targets import find_target_layers
+
+    targets = find_target_layers(model)
+    chunks = plan_chunks(model, targets, init_memory_gb=init_memory_gb, chunk_blocks=chunk_blocks)
+    grads = {}
+    for names in chunks:
+        grads.update(accumulate_chunk(model, {n: targets[n] for n in names}, batches, checkpointing=checkpointing))
+    return grads, chunks
+
+
+def training_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids training put before the completion of a prompt-completion record with this prompt."""
+    from qloraga.data import IGNORE, tokenize
+
+    (example,), _ = tokenize([{"prompt": prompt, "completion": " 7"}], "prompt-completion", tokenizer, 512)
+    return example.input_ids[:next(i for i, label in enumerate(example.labels) if label != IGNORE)]
+
+
+# Tiny byte-level BPE models as llama.cpp reads them (GGUF export tests).
+GGUF_VOCAB = 320
+GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE (ByteLevel pre-tokenizer and decoder) trained on a small corpus."""
+    corpus = [f"The answer: {a} plus {b} is {a + b}. Tom has {a} apples and buys {b} more! café ünïcode (x) = [y]"
+              for a in range(30) for b in range(30)]
+    tok = byte_level_bpe(corpus, GGUF_VOCAB - 8, GGUF_SPECIALS)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token=None)
+    out.chat_template = CHATML
+    return out
+
+
+def save_family(family: str, path, tokenizer=byte_level_tokenizer) -> str:
+    """A tiny random model of `family` with a GGUF-exportable tokenizer, saved as a model folder."""
+    from transformers import AutoModelForCausalLM
+
+    config = FAMILIES[family]()
+    config.vocab_size = GGUF_VOCAB
+    config.initializer_range = 0.15  # sharper logits than the default 0.02: greedy choices are not near ties
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return str(path)

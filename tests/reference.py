@@ -1,10 +1,16 @@
-"""Independent references: an fp32 model whose weights are the dequantized NF4 weights, and its autograd."""
+"""Independent references: an fp32 model whose weights are the dequantized NF4 weights, and its autograd;
+llama.cpp running a GGUF file against transformers; LoRA-One's step 0 written out from an fp64 SVD."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
+import numpy as np
+import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from qloraga.loading import dequantized_weight
 
@@ -38,3 +44,53 @@ def autograd_grads(ref: nn.Module, names: list[str], batches: list[dict]) -> dic
     for batch in batches:
         ref(**batch, use_cache=False).loss.backward()
     return {n: modules[n].weight.grad / len(batches) for n in names}
+
+
+def expected_step0(grad: torch.Tensor, r: int, scale: str, gamma: float, scaling: float) -> torch.Tensor:
+    """`s B A` of LoRA-One, written out from an fp64 SVD: `-(s c^2 / S_1) G_r`."""
+    u, s, vt = torch.linalg.svd(grad.double(), full_matrices=False)
+    grad_r = (u[:, :r] * s[:r]) @ vt[:r]
+    c2 = {"stable": grad.shape[0] ** 0.5 / gamma, "gd": 1 / scaling**2, "unit": 1.0}[scale]
+    return -(scaling * c2 / s[0]) * grad_r
+
+
+PROMPTS = ["The answer: 12 plus 7 is", "Tom has 3 apples", "<|im_start|>user\nHi there!<|im_end|>\n",
+           "café ünïcode (x) = [y] + {z};"]
+# max |logit(llama.cpp) - logit(transformers, fp32)| over every position of PROMPTS, as a fraction of the
+# logits' standard deviation (~1.2 here), with llama.cpp's KV cache in f32: f32 GGUFs (the exact tensors)
+# agree to ~5e-6, f16 GGUFs to ~1e-2 (weights rounded to f16 once).
+EXACT_TOL = 1e-4
+LOGIT_TOL = 2e-2
+
+
+def llama_cpp_model(path, lora=None):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    kwargs = {"lora_path": str(lora)} if lora else {}
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, n_batch=64, logits_all=True,
+                               verbose=False, seed=0, type_k=0, type_v=0, **kwargs)  # f32 KV cache
+
+
+def cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+
+
+def prompt_ids(run: str) -> list[list[int]]:
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(run, "adapter"))
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+
+def compare(llm, model, run) -> float:
+    """Largest |llama.cpp - transformers| logit over all positions of all prompts, relative to the spread."""
+    worst = 0.0
+    for ids in prompt_ids(run):
+        ref = hf_logits(model, ids)
+        worst = max(worst, float(np.abs(cpp_logits(llm, ids) - ref).max() / ref.std()))
+    return worst

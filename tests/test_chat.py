@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import training_prompt
 from safetensors.torch import load_file, save_file
 
 from qloraga.cli.chat import main as chat_main
@@ -109,14 +110,6 @@ def test_demo_has_no_gguf_tokenizer(demo_run, capsys):
     err = capsys.readouterr().err
     assert "WordLevel" in err and "merged folder" in err
     assert not (demo_run / "gguf").exists()
-
-
-def training_prompt(tokenizer, prompt: str) -> list[int]:
-    """The ids training put before the completion of a prompt-completion record with this prompt."""
-    from qloraga.data import IGNORE, tokenize
-
-    (example,), _ = tokenize([{"prompt": prompt, "completion": " 7"}], "prompt-completion", tokenizer, 512)
-    return example.input_ids[:next(i for i, label in enumerate(example.labels) if label != IGNORE)]
 
 
 def test_chat_renders_prompts_as_training_did(demo_run, capsys):

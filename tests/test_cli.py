@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS, run_cli, write_dataset
+from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS, Interrupt, run_cli, write_dataset
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 import qloraga.training as training
 from qloraga import load_model
@@ -52,12 +51,6 @@ def test_every_dataset_format(tiny_model_dir, tmp_path, fmt, suffix):
     data = write_dataset(tmp_path / f"train{suffix}", fmt)
     assert run_cli(model, data, tmp_path / "out", "--dataset-format", fmt) == 0
     check_outputs(tmp_path / "out", model, FAMILY_TARGETS["llama"])
-
-
-class Interrupt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:  # after the checkpoint of step 2, before the end
-            raise KeyboardInterrupt
 
 
 def test_resume_after_interruption_gives_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batches, rel
+from conftest import estimated, make_batches, rel
 from reference import autograd_grads, dequantized_fp32_copy
 
 from qloraga import QLoraGAConfig, load_model
 from qloraga.init.chunks import plan_chunks
-from qloraga.init.gradient import Pairs, accumulate_chunk
+from qloraga.init.gradient import Pairs
 from qloraga.init.pipeline import initial_factors
 from qloraga.targets import block_index, decoder_blocks, find_target_layers
-
-
-def estimated(model, batches, chunk_blocks=None, init_memory_gb=4.0, checkpointing=False):
-    targets = find_target_layers(model)
-    chunks = plan_chunks(model, targets, init_memory_gb=init_memory_gb, chunk_blocks=chunk_blocks)
-    grads = {}
-    for names in chunks:
-        grads.update(accumulate_chunk(model, {n: targets[n] for n in names}, batches, checkpointing=checkpointing))
-    return grads, chunks
 
 
 @pytest.mark.parametrize(("family", "checkpointing"), [("llama", False), ("qwen2", False), ("llama", True),

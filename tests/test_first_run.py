@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import tiny_tokenizer
-from test_cli import run_cli, write_dataset
+from conftest import run_cli, tiny_tokenizer, write_dataset
 from transformers import LlamaConfig
 
 from qloraga import load_model

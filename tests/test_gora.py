@@ -216,3 +216,21 @@ def test_cli_resume_with_gradient_ranks_gives_the_same_adapter(tiny_model_dir, t
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_summaries_wait_on_disk_not_in_memory(tiny_model_dir, monkeypatch, tmp_path):
+    """Without a cache folder the gradient allocation still keeps no summary in memory between chunks: each is
+    read back from a temporary folder when its layer is factorised, and the folder is gone afterwards."""
+    import tempfile
+
+    import qloraga.init.pipeline as pipeline
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    taken = []
+    real = pipeline.Finisher.take
+    monkeypatch.setattr(pipeline.Finisher, "take", lambda self, name: taken.append(
+        (name in self.held, name in self.stored)) or real(self, name))
+    config = QLoraGAConfig(r=R, method="lora-ga", rank_allocation="gradient", chunk_blocks=1, progress=False)
+    get_qloraga_model(load_model(tiny_model_dir("llama"), dtype=torch.float32), config, make_batches())
+    assert taken and all(stored and not held for held, stored in taken)
+    assert list(tmp_path.iterdir()) == []

@@ -320,7 +320,8 @@ def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: It
     # estimator; the sketch's are all made at once, from sketches that are held anyway).
     spill = tempfile.mkdtemp(prefix="qloraga-summaries-") \
         if gradient and not cache and config.estimator == "exact" and distributed.is_main() else None
-    finish = Finisher(targets, config, cache, cache if gradient else FactorCache(spill, "spill") if spill else None)
+    finish = Finisher(targets, config, cache, (cache or FactorCache(spill, "spill")) if gradient and (cache or spill)
+                      else None)
     if cache and gradient:
         finish.resume()
     elif cache:

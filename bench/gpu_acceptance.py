@@ -19,25 +19,26 @@ gpu_study.png, and every table goes to stdout and gpu_acceptance.md as Markdown)
 Parts that cannot run here say so in a row ("skipped: no CUDA", "skipped: liger-kernel not installed", "skipped:
 out of time"). `--tiny` runs every part in seconds on a CPU (tiny models; the test suite's smoke run).
 
-Budget (no GPU has run this yet; from CPU timings and the H200 runs in bench/results/gpu/, 2025):
+Budget (no GPU has run this yet; from CPU timings and the H200 runs of 2026-11-27 in bench/results/gpu/):
   product     ~150 s. finetune: 125 optimizer steps (2000 examples / (8 x 2)) of a 135M model are launch-bound on
               a GPU: a training step is ~10,000 kernels (13,600 leaf ops counted on the CPU, less the optimizer's
               per-tensor loop, which is one foreach kernel per group on CUDA) at ~8 us of host time each: ~0.1 s
               per batch of 8, 25 s of steps, plus 2 x 10 s interpreter and load, init, two evaluations; chat,
               export and llama.cpp ~15 s each; the liger checks (two 10-step runs, one child) ~60 s.
-  memory      ~100 s. The 2025 H200 run of llama7b.py: 15 s to build the random 7B checkpoint, 6 s per load,
+  memory      ~100 s. The H200 run of llama7b.py: 15 s to build the random 7B checkpoint, 6 s per load,
               0.56 s per 1 x 1024 training step; init passes scale with tokens (4 x 1024 x 8 here): ~4 s per
               pass, one pass with the auto budget on a 141 GB card, ~4 on a 16 GiB one, 2 for the sketch.
   throughput  ~50 s: 5 models of 8 blocks (2 s per load, 3 s per init), 3 rounds x 3 steps x 4 lengths at
-              0.03-0.1 s per step (the 2025 8-block run: 0.08 s at T = 1024, 0.10 s at 4096).
+              0.03-0.1 s per step (the 8-block run there: 0.08 s at T = 1024, 0.10 s at 4096).
   study       the rest (the script measures and sizes itself, gpu_study.py): on the CPU a step of SmolLM2 in
               NF4 takes 8 s on one core and is ~13,600 leaf ops (full fine-tuning 7,200); on the GPU ~10,000
               kernels of ~2.5 us each, ~25 ms of GPU time per step whatever runs beside it, so processes alone
               would give ~40 steps/s, and 64 runs of 1000 steps would take 25 minutes. Grouped (18 runs of a
               LoRA method per model, bench/multirun.py) a step of 18 runs is ~9 TFLOP in TF32, ~60 ms: 6 groups
-              x 1000 steps ~6 min of GPU; full fine-tuning's 16 runs (~20 ms a step each) ~5 min. In the ~4
-              minutes left after the other parts, the study fits ~500 steps; 1000 steps need it alone in a call
-              (`--parts study --budget-s 560`: ~9 min).
+              x 1000 steps ~6 min of GPU; full fine-tuning's 16 runs (~20 ms a step each) ~5 min: ~11 min for
+              1000 steps, more than one call's 10 minutes, ~5.5 min for 500, which the ~5 minutes the other
+              parts leave in a call about fit. The study's JSON keeps its measured projection for every step
+              count (`decision.projected_s`), the figure to plan 1000 steps on.
 The whole script: `--budget-s` (default 540 s: 9 minutes); a part that would start with less than its minimum
 left is skipped, and the study takes what the others left.
 

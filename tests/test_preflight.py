@@ -96,7 +96,7 @@ def test_eval_dataset_is_checked_too(tiny_model_dir, tmp_path, capsys, no_work):
 @pytest.mark.parametrize(("settings", "needle"), [
     ({"seq_len": 0}, "--seq-len / seq_len must be at least 1"),
     ({"lr": 0.0}, "--lr / lr must be positive"),
-    ({"init": "loraga"}, "--init / init must be one of 'lora-ga', 'lora-one', 'lora', got 'loraga'"),
+    ({"init": "loraga"}, "--init / init must be one of 'lora-ga', 'lora-one', 'gora', 'lora', got 'loraga'"),
     ({"warmup_ratio": "lots"}, "warmup_ratio must be float"),
     ({"lora_ga": {"lora_alpha": -1}}, "--alpha / lora_ga.lora_alpha must be positive"),
     ({"lora_ga": {"scale": "loud"}}, "lora_ga.scale must be one of 'stable', 'gd', 'unit', 'weight_svd', got 'loud'"),

@@ -80,7 +80,7 @@ def test_each_init_gets_its_own_rate_without_a_preset(tmp_path):
         resolved = resolve_settings({"model": model, "init": init})
         rates[init] = resolved.config.lr
         assert f"lr {rates[init]:g} for init {init}: the built-in default" in resolved.lines()[1]
-    assert rates == {"lora-one": 2e-4, "lora": 2e-4, "lora-ga": 2e-5} == DEFAULT_LR
+    assert rates == {"lora-one": 2e-4, "lora": 2e-4, "lora-ga": 2e-5, "gora": 2e-4} == DEFAULT_LR
     forced = resolve_settings({"model": model, "lr": 1e-3})
     assert forced.config.lr == 1e-3 and forced.lines()[1].endswith(": --lr")
 

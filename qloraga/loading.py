@@ -176,9 +176,11 @@ def causal_lm_config(name_or_path: str | os.PathLike, trust_remote_code: bool = 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as exc:  # transformers' words for a model_type it does not know, or remote code refused
-        hint = "" if trust_remote_code else (" If the model ships its own code and you trust it, pass "
-                                             "--trust-remote-code / trust_remote_code.")
-        raise ModelSourceError(f"--model {name_or_path}: transformers cannot read its config ({exc}).{hint}") from exc
+        if trust_remote_code:
+            raise ModelSourceError(f"--model {name_or_path}: transformers cannot read its config ({exc}).") from exc
+        raise ModelSourceError(f"--trust-remote-code / trust_remote_code is off and transformers cannot read the "
+                               f"config of --model {name_or_path} without it ({exc}): if the model ships its own "
+                               "code and you trust it, pass --trust-remote-code.") from exc
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise ModelSourceError(f"{name!r} is a {config.model_type!r} model, not a causal language model: qloraga "
                                "fine-tunes decoder-only LMs (those AutoModelForCausalLM loads).")

@@ -291,6 +291,24 @@ class Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
+def run_cli_interrupted(monkeypatch, *args) -> int:
+    """`run_cli(*args)` with Ctrl-C pressed during step 3 (`Interrupt`), the recipe's trainer restored after."""
+    import qloraga.training as training
+
+    real = training.build_trainer
+
+    def interrupted(*a, **kw):
+        trainer = real(*a, **kw)
+        trainer.add_callback(Interrupt())
+        return trainer
+
+    monkeypatch.setattr("qloraga.recipe.build_trainer", interrupted)
+    try:
+        return run_cli(*args)
+    finally:
+        monkeypatch.setattr("qloraga.recipe.build_trainer", real)
+
+
 def estimated(model, batches, chunk_blocks=None, init_memory_gb=4.0, checkpointing=False):
     """The estimator's gradient of every target layer, chunk by chunk as planned, and the chunks."""
     from qloraga.init.chunks import plan_chunks

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS, Interrupt, run_cli, write_dataset
+from conftest import FAMILIES, FAMILY_PRESETS, FAMILY_TARGETS, run_cli, run_cli_interrupted, write_dataset
 from peft import PeftModel
 from safetensors.torch import load_file
 
-import qloraga.training as training
 from qloraga import load_model
 from qloraga.cli.finetune import resolve
 
@@ -59,17 +58,8 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_model_dir, tmp_pa
     extra = ("--4bit", "--max-steps", "6")
     assert run_cli(model, data, tmp_path / "straight", *extra) == 0
 
-    real = training.build_trainer
-
-    def interrupted(*args, **kwargs):
-        trainer = real(*args, **kwargs)
-        trainer.add_callback(Interrupt())
-        return trainer
-
-    monkeypatch.setattr("qloraga.recipe.build_trainer", interrupted)
-    assert run_cli(model, data, tmp_path / "resumed", *extra) == 130
+    assert run_cli_interrupted(monkeypatch, model, data, tmp_path / "resumed", *extra) == 130
     assert not (tmp_path / "resumed" / "adapter").exists()
-    monkeypatch.setattr("qloraga.recipe.build_trainer", real)
     assert run_cli(model, data, tmp_path / "resumed", *extra) == 2  # refuses to clobber the run
     assert run_cli(model, data, tmp_path / "resumed", *extra, "--resume") == 0
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import Interrupt, make_batches, rel, run_cli, write_dataset
+from conftest import make_batches, rel, run_cli, run_cli_interrupted, write_dataset
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
 from reference import autograd_grads, dequantized_fp32_copy, expected_step0
@@ -194,24 +194,12 @@ def test_cli_4bit_run_with_gradient_ranks(tiny_model_dir, tmp_path, capsys, init
 def test_cli_resume_with_gradient_ranks_gives_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):
     """An interrupted LoRA-GA run with per-layer ranks resumes from its checkpoint (the factors' summaries
     come back from the init cache) and ends with the adapter of an uninterrupted run."""
-
-    import qloraga.training as training
-
     model = tiny_model_dir("llama")
     data = write_dataset(tmp_path / "train.jsonl", "prompt-completion")
     extra = ("--4bit", "--max-steps", "6", "--rank-allocation", "gradient")
     assert run_cli(model, data, tmp_path / "straight", *extra) == 0
-    real = training.build_trainer
-
-    def interrupted(*args, **kwargs):
-        trainer = real(*args, **kwargs)
-        trainer.add_callback(Interrupt())
-        return trainer
-
-    monkeypatch.setattr("qloraga.recipe.build_trainer", interrupted)
-    assert run_cli(model, data, tmp_path / "resumed", *extra) == 130
+    assert run_cli_interrupted(monkeypatch, model, data, tmp_path / "resumed", *extra) == 130
     assert list((tmp_path / "resumed" / "lora_ga_cache").glob("summary-*.safetensors"))
-    monkeypatch.setattr("qloraga.recipe.build_trainer", real)
     assert run_cli(model, data, tmp_path / "resumed", *extra, "--resume") == 0
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")

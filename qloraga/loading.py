@@ -169,6 +169,17 @@ def convert_gguf(file: Path, out: str | os.PathLike) -> None:
     tokenizer.save_pretrained(out)
 
 
+def model_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module | None:
+    """The model's modules on the meta device (no weights, no memory), or None where that cannot be built."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an exotic architecture: callers fall back to the loaded model or to no size
+        return None
+
+
 def causal_lm_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config, checked to describe a causal LM whose weight files are whole and whose quantization,
     if it was saved quantized, qloraga can train on (cheap: no weights are read)."""

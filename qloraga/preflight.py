@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from qloraga.adapters import check_target_rank
 from qloraga.config import QUANT_STORAGE, ConfigError, RunConfig, option
@@ -29,7 +28,7 @@ from qloraga.data import (
     resolve_format,
     split,
 )
-from qloraga.loading import causal_lm_config, check_quant_storage, prequantized
+from qloraga.loading import causal_lm_config, check_quant_storage, model_skeleton, prequantized
 from qloraga.presets import MODEL_TYPE_PRESETS
 from qloraga.targets import find_target_layers
 from qloraga.training import LOGGER_PACKAGES, liger_installed, liger_model_types, logger_installed
@@ -44,17 +43,6 @@ class Checked:
     train_records: list[dict[str, Any]]
     eval_records: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
-
-
-def model_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module | None:
-    """The model's modules on the meta device (no weights, no memory), or None where that cannot be built."""
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:  # an exotic architecture: the same checks run on the loaded model instead
-        return None
 
 
 def check_targets(cfg: RunConfig, config: PretrainedConfig) -> None:

@@ -82,16 +82,12 @@ def unique_parameters(skeleton) -> dict[str, Any]:
 
 
 def parameter_count(config) -> int | None:
-    """Parameters of the model a config describes (tied weights once), from a weightless skeleton."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    """Parameters of the model a config describes (tied weights once), from a weightless skeleton; None for an
+    exotic architecture (the family alone decides)."""
+    from qloraga.loading import model_skeleton
 
-    try:
-        with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except Exception:  # an exotic architecture: no size, the family alone decides
-        return None
-    return sum(p.numel() for p in unique_parameters(skeleton).values())
+    skeleton = model_skeleton(config)
+    return None if skeleton is None else sum(p.numel() for p in unique_parameters(skeleton).values())
 
 
 def choose_preset(model: str) -> tuple[str | None, str]:

@@ -25,9 +25,9 @@ from qloraga.init.chunks import (
     plan_chunks,
     training_step_bytes,
 )
-from qloraga.loading import model_source, prequantized, weights_description
+from qloraga.loading import model_skeleton, model_source, prequantized, weights_description
 from qloraga.memory import free_memory_bytes
-from qloraga.preflight import check_run, model_skeleton
+from qloraga.preflight import check_run
 from qloraga.presets import unique_parameters
 from qloraga.recipe import resolve_demo
 from qloraga.targets import find_target_layers

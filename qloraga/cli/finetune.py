@@ -131,12 +131,13 @@ def resolve_settings(args: dict[str, Any]) -> Resolved:
     settings = init_from_method(settings, [layer for _, layer in layers])
     settings["preset"] = preset
     config = RunConfig.from_dict(settings)
-    given = [where for where, layer in layers if layer.get("lr") is not None]
-    lr_source = given[-1] if given else f"the built-in default for {config.init}"
-    if given and isinstance(next(layer for where, layer in layers if where == given[-1])["lr"], dict):
-        lr_source += f", its rate for {config.init}"
-    if not given:
-        lr_source += f" ({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})"
+    given = [(where, layer["lr"]) for where, layer in layers if layer.get("lr") is not None]
+    if given:  # the last layer that set lr decided it
+        where, lr = given[-1]
+        lr_source = where + (f", its rate for {config.init}" if isinstance(lr, dict) else "")
+    else:
+        lr_source = (f"the built-in default for {config.init} "
+                     f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
     return Resolved(config, preset, reason, lr_source)
 
 

@@ -293,7 +293,7 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], chunks: list[lis
             halves = split_chunk(model, names)
             if halves is None:
                 raise InitOutOfMemory("Out of memory estimating the gradient of a single decoder block: use fewer "
-                                  "or shorter gradient batches (--ga-batches, --seq-len).") from None
+                                      "or shorter gradient batches (--ga-batches, --seq-len).") from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             tqdm.write("LoRA-GA: out of memory on a chunk; halving it and retrying", file=sys.stderr)

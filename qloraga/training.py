@@ -33,6 +33,13 @@ def parse_line(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records, without a line cut short by a crash; none when the file is not there yet."""
+    if not path.exists():
+        return []
+    return [r for line in path.read_text().splitlines() if (r := parse_line(line)) is not None]
+
+
 class MetricsLog(TrainerCallback):
     """Appends every Trainer log record to `metrics.jsonl`; on resume, drops records past the checkpoint."""
 
@@ -225,7 +232,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for line in metrics_path.read_text().splitlines() if (r := parse_line(line)) is not None]
+    rows = read_metrics(metrics_path)
     series = {label: [(r["step"], r[key]) for r in rows if key in r]
               for key, label in (("loss", "training loss"), ("eval_loss", "held-out loss"))}
     if not series["training loss"]:

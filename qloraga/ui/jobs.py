@@ -28,7 +28,7 @@ import yaml
 from qloraga.config import ConfigError, RunConfig, option
 from qloraga.io import save_json, save_text
 from qloraga.runs import last_checkpoint
-from qloraga.training import parse_line
+from qloraga.training import read_metrics
 
 UI_DIR = ".ui"  # inside the runs folder: launch files, logs, uploads
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -70,13 +70,6 @@ def read_progress(log: str, max_steps: int = -1) -> Progress:
     total = max_steps if max_steps > 0 else max((b.total for b in plain), default=0)
     train = [b for b in plain if b.total == total]
     return Progress(init[-1] if init else None, train[-1] if train else None)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records (a line cut short by a crash is skipped, as plot_loss skips it)."""
-    if not path.exists():
-        return []
-    return [r for line in path.read_text().splitlines() if (r := parse_line(line)) is not None]
 
 
 def loss_points(records: list[dict[str, Any]]) -> list[tuple[int, float, str]]:

@@ -29,6 +29,7 @@ from peft.tuners.lora.layer import LoraLayer
 from qloraga.adapters import ADAPTER, PEFT_PREFIX, corrected_layers
 from qloraga.errors import GGUFExportError
 from qloraga.export.merged import merged_state
+from qloraga.io import atomic_file
 
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp architecture
 PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")  # rows permuted for the `llama` architecture
@@ -251,9 +252,8 @@ def write_model_gguf(model: PeftModel, tokenizer, path: str | os.PathLike, kind:
     config = model.get_base_model().config
     arch = architecture(config)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)
-    try:
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)
         name = Path(str(getattr(config, "_name_or_path", "") or "model")).name
         extra = add_hyperparameters(writer, config, name)
         file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -268,9 +268,6 @@ def write_model_gguf(model: PeftModel, tokenizer, path: str | os.PathLike, kind:
             data, qtype = encode(tensor, kind)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
         finish(writer, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -306,9 +303,8 @@ def write_adapter_gguf(model: PeftModel, path: str | os.PathLike) -> Path:
         raise GGUFExportError("This model has no LoRA adapter to export.")
     alpha = pairs[0][3] * pairs[0][1].shape[0]  # the first layer's s * rank; the others' ratio goes into lora_b
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -320,9 +316,6 @@ def write_adapter_gguf(model: PeftModel, path: str | os.PathLike) -> Path:
             writer.add_tensor(f"{target}.lora_a", a.numpy())
             writer.add_tensor(f"{target}.lora_b", (rows_permuted(name, b, config, arch) * ratio).contiguous().numpy())
         finish(writer, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

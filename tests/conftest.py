@@ -291,6 +291,17 @@ class Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
+def fails_with(capsys, code: int, *needles: str) -> tuple[str, str]:
+    """A command refused as a user's error: exit code 2, every needle in its stderr, no traceback. Returns what it
+    printed, (stdout, stderr)."""
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err
+    for needle in needles:
+        assert needle in captured.err, captured.err
+    return captured.out, captured.err
+
+
 def run_cli_interrupted(monkeypatch, *args) -> int:
     """`run_cli(*args)` with Ctrl-C pressed during step 3 (`Interrupt`), the recipe's trainer restored after."""
     import qloraga.training as training

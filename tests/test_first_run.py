@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import run_cli, tiny_tokenizer, write_dataset
+from conftest import fails_with, run_cli, tiny_tokenizer, write_dataset
 from transformers import LlamaConfig
 
 from qloraga import load_model
@@ -24,15 +24,6 @@ from qloraga.recipe import prepare_output_dir
 from qloraga.runs import RUN_OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fails_with(capsys, code: int, *needles: str) -> str:
-    captured = capsys.readouterr()
-    assert code == 2, captured.err
-    assert "Traceback" not in captured.err
-    for needle in needles:
-        assert needle in captured.err, captured.err
-    return captured.out
 
 
 @pytest.fixture
@@ -93,8 +84,8 @@ def test_output_dir_that_is_a_file(tiny_model_dir, tmp_path, data, capsys):
 
 
 def test_missing_model_is_named_before_anything_else(tmp_path, data, capsys):
-    out = fails_with(capsys, run_cli(str(tmp_path / "nope"), data, tmp_path / "out"),
-                     f"--model / model {str(tmp_path / 'nope')!r} does not exist")
+    out, _ = fails_with(capsys, run_cli(str(tmp_path / "nope"), data, tmp_path / "out"),
+                        f"--model / model {str(tmp_path / 'nope')!r} does not exist")
     assert "preset" not in out  # no note about presets for a model that is not there
 
 

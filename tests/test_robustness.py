@@ -15,7 +15,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import run_cli, save_tiny, write_dataset
+from conftest import fails_with, run_cli, save_tiny, write_dataset
 from safetensors.torch import load_file
 from transformers import AutoModel, DistilBertConfig, TrainerCallback
 
@@ -29,15 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def data(tmp_path):
     return write_dataset(tmp_path / "train.jsonl", "prompt-completion")
-
-
-def fails_with(capsys, code: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -150,7 +141,7 @@ def test_nan_gradient_names_the_layer_and_writes_nothing(tiny_model_dir, tmp_pat
 
     monkeypatch.setattr(initialization, "accumulate_chunk", poisoned)
     out = tmp_path / "out"
-    err = fails_with(capsys, run_cli(tiny_model_dir("llama"), data, out), "NaN or inf", "model.layers.0")
+    _, err = fails_with(capsys, run_cli(tiny_model_dir("llama"), data, out), "NaN or inf", "model.layers.0")
     assert "nothing was written" in err
     assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
 

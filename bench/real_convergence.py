@@ -31,6 +31,7 @@ from qloraga import QLoraGAConfig
 from qloraga.optim import scaled_optimizer
 
 TASKS = common.BENCH / "real_tasks"
+TASK_NAMES = ["debian", "pydoc", "manpages"]  # bench/real_tasks/make_tasks.py builds them
 # name: (base bits, init, optimizer). "bf16 base" methods load the same checkpoint unquantized.
 METHODS = {
     "QLoRA (PEFT, B=0)": (4, "lora", "adamw"),
@@ -141,7 +142,7 @@ def train_run(task: Task, method: str, lr: float, seed: int, args, base_path: st
 
 def main() -> None:
     p = common.parser(__doc__.split("\n")[0])
-    p.add_argument("--tasks", nargs="+", default=["debian", "pydoc"], choices=["debian", "pydoc"])
+    p.add_argument("--tasks", nargs="+", default=["debian", "pydoc"], choices=TASK_NAMES)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3],
                    help="the one grid for every method (30x)")
@@ -190,7 +191,7 @@ def main() -> None:
                    "rows": rows, "grid": grid_rows, "runs": runs}
         print(f"\nwrote {common.save(args.out, f'real_convergence_{name}{suffix}', payload)}")
     results = {}
-    for name in ["debian", "pydoc"]:
+    for name in TASK_NAMES:
         path = args.out / f"real_convergence_{name}{suffix}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())

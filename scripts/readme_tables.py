@@ -1,5 +1,5 @@
-"""Print the README's two generated tables from the code: every `finetune` option (from the settings'
-declarations) and the presets (from qloraga/configs/). `tests/test_readme.py` checks the README holds them
+"""Print docs/options.md's two generated tables from the code: every `finetune` option (from the settings'
+declarations) and the presets (from qloraga/configs/). `tests/test_readme.py` checks docs/options.md holds them
 verbatim; after changing a setting or a preset, run this and paste its output over the old tables."""
 
 from __future__ import annotations

@@ -104,11 +104,11 @@ def test_exact_match_scores_short_prompt_completion_answers_only():
     assert scored_pairs(short, "auto", tok, 0) == []
 
 
-def test_readme_documents_every_finetune_flag():
+def test_options_doc_documents_every_finetune_flag():
     from pathlib import Path
 
     from qloraga.cli.finetune import parser
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text()
     flags = {s for action in parser()._actions for s in action.option_strings if s.startswith("--")} - {"--help"}
     assert sorted(f for f in flags if f"`{f}" not in readme) == []

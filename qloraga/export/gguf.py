@@ -226,7 +226,8 @@ def gguf_tensors(model: PeftModel, config, arch: str, merged: bool) -> Iterator[
 
 
 def encode(tensor: torch.Tensor, kind: str):
-    """numpy data and GGML type: 1-D tensors stay f32; matrices become f16, or q8_0 where rows allow."""
+    """numpy data (copied to the CPU from the model's device) and GGML type: 1-D tensors stay f32; matrices
+    become f16, or q8_0 where rows allow. Every tensor a GGUF file holds goes through here."""
     gguf = gguf_module()
     data = tensor.detach().cpu().float().numpy()
     if data.ndim == 1 or kind == "f32":
@@ -313,8 +314,9 @@ def write_adapter_gguf(model: PeftModel, path: str | os.PathLike) -> Path:
             if target is None:
                 raise GGUFExportError(f"No GGUF name for adapted layer {name!r}.")
             ratio = scaling * a.shape[0] / alpha  # llama.cpp computes (alpha / rank) B A: 1 unless s * rank differs
-            writer.add_tensor(f"{target}.lora_a", a.numpy())
-            writer.add_tensor(f"{target}.lora_b", (rows_permuted(name, b, config, arch) * ratio).contiguous().numpy())
+            for suffix, tensor in (("lora_a", a), ("lora_b", rows_permuted(name, b, config, arch) * ratio)):
+                data, qtype = encode(tensor, "f32")  # to the CPU: the adapter lives on the model's device
+                writer.add_tensor(f"{target}.{suffix}", data, raw_dtype=qtype)
         finish(writer, tmp)
     return path
 

@@ -47,6 +47,15 @@ from qloraga.memory import memory_kind, peak_memory_gb, reset_peak
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+# Each method's name as the init's summary line and progress bar print it; the web page finds the bar by it.
+METHOD_NAMES = {"lora-ga": "LoRA-GA", "lora-one": "LoRA-One", "gora": "GoRA"}
+
+
+def init_bar(method: str) -> str:
+    """The init's progress bar label, naming the method that runs: "LoRA-One gradient"."""
+    return f"{METHOD_NAMES[method]} gradient"
+
+
 @dataclass
 class InitReport:
     """What the initialisation did, for the user's summary line."""
@@ -66,8 +75,7 @@ class InitReport:
     def summary(self) -> str:
         work = (f"{self.chunks} chunk(s) ({self.cached_layers} from cache)" if self.estimator == "exact"
                 else f"{self.chunks} sketch pass(es)")
-        name = {"lora-ga": "LoRA-GA", "lora-one": "LoRA-One", "gora": "GoRA"}[self.method]
-        return (f"{name} init: {self.layers} layers, {work}, {self.seconds:.1f} s, "
+        return (f"{METHOD_NAMES[self.method]} init: {self.layers} layers, {work}, {self.seconds:.1f} s, "
                 f"peak memory {self.peak_memory_gb:.2f} GiB ({self.memory_kind})"
                 + (f"; {self.budget}" if self.budget else "") + (f"; {self.allocation}" if self.allocation else ""))
 
@@ -337,7 +345,7 @@ def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: It
     planned = 1 + config.power_iters if config.estimator == "sketch" else len(chunks)  # passes over the batches
     total = (len(local) * planned or None) if todo and isinstance(local, Sized) else None
     try:
-        with tqdm(desc="LoRA-GA gradient", unit="batch", total=total, disable=not config.progress) as bar:
+        with tqdm(desc=init_bar(config.method), unit="batch", total=total, disable=not config.progress) as bar:
             if todo and config.estimator == "sketch":
                 passes = sketch_init(model, todo, local, config, bar, finish)
             elif todo:

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from qloraga.config import ConfigError, RunConfig, option
+from qloraga.config import METHODS, ConfigError, RunConfig, option
+from qloraga.init.pipeline import init_bar
 from qloraga.io import save_json, save_text
 from qloraga.runs import last_checkpoint
 from qloraga.training import read_metrics
@@ -33,10 +34,10 @@ from qloraga.training import read_metrics
 UI_DIR = ".ui"  # inside the runs folder: launch files, logs, uploads
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 INTERRUPTED = 130  # `qloraga finetune`'s exit status after Ctrl-C
-# A tqdm status line: "LoRA-GA gradient:  50%|#####     | 8/16 [00:01<00:01, 5.2batch/s, chunk 1/2]".
+# A tqdm status line: "LoRA-One gradient:  50%|#####     | 8/16 [00:01<00:01, 5.2batch/s, chunk 1/2]".
 BAR = re.compile(r"(?:(?P<desc>[^\r\n|]*?): *)?\d+%\|[^|]*\| *(?P<n>\d+)/(?P<total>\d+) "
                  r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+)(?:, *[^,\]]*)?(?:, *(?P<post>[^\]]*))?\]")
-INIT_BAR = "LoRA-GA gradient"  # qloraga/init/pipeline.py's bar, for LoRA-GA and LoRA-One alike
+INIT_BARS = {init_bar(method) for method in METHODS}  # qloraga/init/pipeline.py's bar, one label per method
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Bar:
     elapsed: str
     remaining: str
     post: str = ""
+    label: str = ""
 
 
 @dataclass
@@ -62,11 +64,10 @@ def read_progress(log: str, max_steps: int = -1) -> Progress:
     """The last state of the init bar and of the training bar in `log`. The Trainer's bars carry no label;
     the training bar is the one of `max_steps` steps (or, when training runs by epochs, the longest, since
     an evaluation bar never covers more than a few hundred held-out examples in batches)."""
-    bars = [(m.group("desc") or "", Bar(int(m.group("n")), int(m.group("total")), m.group("elapsed"),
-                                        m.group("remaining"), (m.group("post") or "").strip()))
-            for m in BAR.finditer(log)]
-    init = [b for desc, b in bars if desc.strip() == INIT_BAR]
-    plain = [b for desc, b in bars if not desc.strip()]
+    bars = [Bar(int(m.group("n")), int(m.group("total")), m.group("elapsed"), m.group("remaining"),
+                (m.group("post") or "").strip(), (m.group("desc") or "").strip()) for m in BAR.finditer(log)]
+    init = [b for b in bars if b.label in INIT_BARS]
+    plain = [b for b in bars if not b.label]
     total = max_steps if max_steps > 0 else max((b.total for b in plain), default=0)
     train = [b for b in plain if b.total == total]
     return Progress(init[-1] if init else None, train[-1] if train else None)

@@ -359,7 +359,7 @@ def build(runs: RunsFolder) -> gr.Blocks:
             lines = [f"**{run_name}**: {state.state}" + (f" ({state.detail})" if state.detail else "")]
             if progress.init:
                 b = progress.init
-                lines.append(f"Initialisation: {b.n}/{b.total} gradient batches" + (f", {b.post}" if b.post else ""))
+                lines.append(f"Initialisation: {b.n}/{b.total} {b.label} batches" + (f", {b.post}" if b.post else ""))
             if progress.train:
                 b = progress.train
                 lines.append(f"Training: step {b.n}/{b.total}, elapsed {b.elapsed}, remaining {b.remaining}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,8 +25,9 @@ from qloraga.adapters import (
     rank_patterns,
 )
 from qloraga.errors import ModelSourceError
-from qloraga.io import atomic_dir, save_tensors
-from qloraga.loading import disable_cpu_repacking
+from qloraga.export.folder import write_folder
+from qloraga.export.merged import export_merged
+from qloraga.io import save_tensors
 from qloraga.targets import short_target_names
 
 
@@ -74,8 +74,6 @@ def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool | 
                       "for a merged model, export_adapter(model, out_dir) for an adapter.",
                       DeprecationWarning, stacklevel=2)
         if merged:
-            from qloraga.export.merged import export_merged
-
             return export_merged(model, out_dir, tokenizer=tokenizer)
 
     def write(tmp: Path) -> None:
@@ -86,18 +84,3 @@ def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool | 
             adapter_config(model).save_pretrained(str(tmp))
 
     return write_folder(model, out_dir, write, tokenizer)
-
-
-def write_folder(model: PeftModel, out_dir: str | os.PathLike, write: Callable[[Path], None],
-                 tokenizer=None) -> Path:
-    """`write(tmp)` into a temporary folder (and the tokenizer, if any), renamed to `out_dir` when complete."""
-    if not isinstance(model, PeftModel):  # a plain model would be written whole, as if it were the adapter
-        raise ModelSourceError(f"This {type(model).__name__} has no adapters to export: build it with "
-                               "qloraga.get_qloraga_model (or load a run with qloraga.runs.load_run_model).")
-    out_dir = Path(out_dir)
-    disable_cpu_repacking(model)
-    with atomic_dir(out_dir) as tmp:
-        write(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    return out_dir

@@ -14,7 +14,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from qloraga.adapters import delta_weight
-from qloraga.export.adapter import write_folder
+from qloraga.export.folder import write_folder
 from qloraga.io import save_json, save_tensors
 from qloraga.loading import dequantized_weight, is_4bit
 

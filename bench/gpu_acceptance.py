@@ -315,7 +315,7 @@ def liger_step0_child(spec: dict) -> dict:
 
     import qloraga
     from qloraga.data import Collator, tokenize
-    from qloraga.loading import model_source
+    from qloraga.model_source import model_source
 
     path = model_source(spec["base"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -527,7 +527,7 @@ def throughput_part(ctx: Context) -> dict:
 
 
 def study(ctx: Context) -> dict:
-    from qloraga.loading import model_source
+    from qloraga.model_source import model_source
 
     base = model_source(base_model(ctx))  # a GGUF converts once here, not in every worker
     result = gpu_study.run(ctx.out, ctx.scratch / "study", base, ctx.deadline, ctx.tiny)

@@ -104,7 +104,7 @@ def main() -> None:
         if args.model:
             from transformers import AutoConfig
 
-            from qloraga.loading import model_source
+            from qloraga.model_source import model_source
 
             model = model_source(args.model)
             vocab = AutoConfig.from_pretrained(model).vocab_size
@@ -141,7 +141,7 @@ def run_main(args, spec) -> dict:
     if args.model:  # a real checkpoint: its own block size
         from transformers import AutoConfig
 
-        from qloraga.loading import model_source
+        from qloraga.model_source import model_source
 
         config = AutoConfig.from_pretrained(model_source(args.model))
         layers = config.num_hidden_layers

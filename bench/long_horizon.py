@@ -157,7 +157,7 @@ def main() -> None:
     common.setup_child()
     from transformers import AutoTokenizer
 
-    from qloraga.loading import model_source
+    from qloraga.model_source import model_source
 
     base_path = rc.tiny_base() if args.tiny else model_source(str(rc.smollm2_gguf()))
     task = held_out_task(rc.load_task(TASK, AutoTokenizer.from_pretrained(base_path)), args.held_out_from_train)

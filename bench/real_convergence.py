@@ -160,7 +160,7 @@ def main() -> None:
     common.setup_child()
     from transformers import AutoTokenizer
 
-    from qloraga.loading import model_source
+    from qloraga.model_source import model_source
 
     base_path = model_source(str(smollm2_gguf())) if not args.tiny else tiny_base()
     tokenizer = AutoTokenizer.from_pretrained(base_path)

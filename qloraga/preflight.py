@@ -28,7 +28,8 @@ from qloraga.data import (
     resolve_format,
     split,
 )
-from qloraga.loading import causal_lm_config, check_quant_storage, model_skeleton, prequantized
+from qloraga.model_source import causal_lm_config, model_skeleton
+from qloraga.prequantized import check_quant_storage, prequantized
 from qloraga.presets import MODEL_TYPE_PRESETS
 from qloraga.targets import find_target_layers
 from qloraga.training import LOGGER_PACKAGES, liger_installed, liger_model_types, logger_installed

@@ -84,7 +84,7 @@ def unique_parameters(skeleton) -> dict[str, Any]:
 def parameter_count(config) -> int | None:
     """Parameters of the model a config describes (tied weights once), from a weightless skeleton; None for an
     exotic architecture (the family alone decides)."""
-    from qloraga.loading import model_skeleton
+    from qloraga.model_source import model_skeleton
 
     skeleton = model_skeleton(config)
     return None if skeleton is None else sum(p.numel() for p in unique_parameters(skeleton).values())
@@ -96,7 +96,7 @@ def choose_preset(model: str) -> tuple[str | None, str]:
         return "demo", "the embedded demo model"
     from transformers import AutoConfig
 
-    from qloraga.loading import model_source
+    from qloraga.model_source import model_source
 
     source = model_source(model)  # a missing local path is an error here, before a note about presets
     try:

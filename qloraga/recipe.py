@@ -20,9 +20,11 @@ from qloraga.errors import RunError, RunInterrupted, TrainingDiverged
 from qloraga.evaluation import SHORT_ANSWER_FORMATS, SHORT_ANSWER_TOKENS, exact_match, held_out_loss
 from qloraga.export import export_adapter, export_merged
 from qloraga.io import save_json, save_text
-from qloraga.loading import load_base, model_source, weights_description
+from qloraga.loading import load_base
 from qloraga.memory import memory_kind, peak_memory_gb
+from qloraga.model_source import model_source
 from qloraga.preflight import check_run
+from qloraga.prequantized import weights_description
 from qloraga.runs import last_checkpoint
 from qloraga.training import (
     GracefulInterrupt,

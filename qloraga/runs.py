@@ -49,7 +49,7 @@ class Run:
         from transformers import AutoTokenizer
 
         from qloraga.data import prepare_tokenizer
-        from qloraga.loading import model_source
+        from qloraga.model_source import model_source
 
         source = self.adapter_dir if (self.adapter_dir / "tokenizer_config.json").exists() else \
             model_source(self.config.model)

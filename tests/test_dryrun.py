@@ -12,7 +12,7 @@ from qloraga import load_model
 from qloraga.cli.dryrun import marked, weight_bytes
 from qloraga.cli.finetune import main
 from qloraga.config import RunConfig
-from qloraga.loading import causal_lm_config, model_skeleton
+from qloraga.model_source import causal_lm_config, model_skeleton
 
 
 def test_dry_run_loads_nothing_and_writes_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):

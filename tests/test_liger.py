@@ -13,7 +13,7 @@ from conftest import run_cli, write_dataset
 import qloraga.preflight as preflight
 import qloraga.recipe as recipe
 from qloraga.config import ConfigError, RunConfig
-from qloraga.loading import causal_lm_config
+from qloraga.model_source import causal_lm_config
 from qloraga.training import liger_installed, training_arguments
 
 

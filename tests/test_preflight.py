@@ -16,7 +16,7 @@ from conftest import run_cli, write_dataset
 import qloraga.recipe as recipe
 from qloraga.cli.finetune import parser, resolve
 from qloraga.config import ConfigError, QLoraGAConfig, RunConfig, option
-from qloraga.loading import causal_lm_config
+from qloraga.model_source import causal_lm_config
 from qloraga.preflight import check_run, check_targets
 
 

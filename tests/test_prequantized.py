@@ -32,7 +32,9 @@ from qloraga.cli.chat import main as chat_main
 from qloraga.cli.export import main as export_main
 from qloraga.cli.finetune import main as finetune
 from qloraga.errors import ConfigError, ModelSourceError
-from qloraga.loading import causal_lm_config, dequantized_weight, is_4bit, prequantized
+from qloraga.loading import dequantized_weight, is_4bit
+from qloraga.model_source import causal_lm_config
+from qloraga.prequantized import prequantized
 from qloraga.runs import load_run_model, open_run
 
 IDS = torch.tensor([[1, 5, 9, 12, 7, 3, 40, 22]])

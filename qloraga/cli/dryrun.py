@@ -25,9 +25,10 @@ from qloraga.init.chunks import (
     plan_chunks,
     training_step_bytes,
 )
-from qloraga.loading import model_skeleton, model_source, prequantized, weights_description
 from qloraga.memory import free_memory_bytes
+from qloraga.model_source import model_skeleton, model_source
 from qloraga.preflight import check_run
+from qloraga.prequantized import prequantized, weights_description
 from qloraga.presets import unique_parameters
 from qloraga.recipe import resolve_demo
 from qloraga.targets import find_target_layers

@@ -23,7 +23,8 @@ from qloraga.config import DEMO_EVAL, DEMO_MODEL
 from qloraga.data import RENDERINGS, Collator, prepare_tokenizer, read_records, resolve_format, tokenize
 from qloraga.errors import ConfigError
 from qloraga.evaluation import exact_match, held_out_loss
-from qloraga.loading import load_model, model_source
+from qloraga.loading import load_model
+from qloraga.model_source import model_source
 
 
 def main(argv: list[str] | None = None) -> int:

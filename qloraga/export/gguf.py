@@ -422,7 +422,7 @@ def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: b
 
 def check_gguf_run(run) -> None:
     """Refuse a run whose model family or tokenizer GGUF export does not cover, before any weight is loaded."""
-    from qloraga.loading import causal_lm_config
+    from qloraga.model_source import causal_lm_config
 
     architecture(causal_lm_config(run.config.model, run.config.trust_remote_code))
     spec = json.loads(run.tokenizer().backend_tokenizer.to_str())

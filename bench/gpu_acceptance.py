@@ -182,7 +182,7 @@ def held_out_tokens(run: Path, records: list[dict]) -> list:
     """The held-out records as the run tokenized its data (prompt-completion, its tokenizer, end of text)."""
     from transformers import AutoTokenizer
 
-    from qloraga.data import tokenize
+    from qloraga.batches import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
     return tokenize(records, "prompt-completion", tokenizer, 2048)[0]
@@ -314,7 +314,7 @@ def liger_step0_child(spec: dict) -> dict:
     from transformers.integrations.liger import apply_liger_kernel
 
     import qloraga
-    from qloraga.data import Collator, tokenize
+    from qloraga.batches import Collator, tokenize
     from qloraga.model_source import model_source
 
     path = model_source(spec["base"])

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qloraga.data import IGNORE, Collator, Example, encode_prompt, prompt_and_answer, resolve_format
+from qloraga.batches import IGNORE, Collator, Example
+from qloraga.formats import encode_prompt, prompt_and_answer, resolve_format
 from qloraga.loading import model_device
 
 
@@ -22,7 +23,7 @@ def held_out_loss(model: nn.Module, examples: Sequence[Example], collator: Colla
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collator(examples[i:i + batch_size]).items()}
         inputs = {k: v for k, v in batch.items() if k != "labels"}  # packed rows: position ids, no mask
-        logits = model(**inputs, use_cache=False).logits.float()  # no cache: packed rows need none (data.pack)
+        logits = model(**inputs, use_cache=False).logits.float()  # no cache: packed rows need none (batches.pack)
         labels = batch["labels"][:, 1:]
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                            ignore_index=IGNORE, reduction="sum")

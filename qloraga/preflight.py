@@ -18,16 +18,9 @@ from transformers import PretrainedConfig
 
 from qloraga.adapters import check_target_rank
 from qloraga.config import QUANT_STORAGE, ConfigError, RunConfig, option
-from qloraga.data import (
-    RESPONSE_FIELDS,
-    DataError,
-    check_record,
-    count_empty_responses,
-    is_local,
-    read_records,
-    resolve_format,
-    split,
-)
+from qloraga.data import is_local, read_records, split
+from qloraga.errors import DataError
+from qloraga.formats import RESPONSE_FIELDS, check_record, count_empty_responses, resolve_format
 from qloraga.model_source import causal_lm_config, model_skeleton
 from qloraga.prequantized import check_quant_storage, prequantized
 from qloraga.presets import MODEL_TYPE_PRESETS

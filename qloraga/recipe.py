@@ -14,11 +14,12 @@ from transformers import AutoTokenizer, set_seed
 
 from qloraga import distributed
 from qloraga.adapters import get_lora_model, get_qloraga_model
+from qloraga.batches import Collator, gradient_batches, pack, tokenize
 from qloraga.config import DEMO_DIR, DEMO_EVAL, DEMO_MODEL, DEMO_TRAIN, RunConfig  # noqa: F401 (DEMO_DIR: API)
-from qloraga.data import Collator, gradient_batches, pack, prepare_tokenizer, resolve_format, tokenize
 from qloraga.errors import RunError, RunInterrupted, TrainingDiverged
 from qloraga.evaluation import SHORT_ANSWER_FORMATS, SHORT_ANSWER_TOKENS, exact_match, held_out_loss
 from qloraga.export import export_adapter, export_merged
+from qloraga.formats import prepare_tokenizer, resolve_format
 from qloraga.io import save_json, save_text
 from qloraga.loading import load_base
 from qloraga.memory import memory_kind, peak_memory_gb

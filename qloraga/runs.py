@@ -48,7 +48,7 @@ class Run:
         template set as training set them)."""
         from transformers import AutoTokenizer
 
-        from qloraga.data import prepare_tokenizer
+        from qloraga.formats import prepare_tokenizer
         from qloraga.model_source import model_source
 
         source = self.adapter_dir if (self.adapter_dir / "tokenizer_config.json").exists() else \
@@ -61,7 +61,9 @@ class Run:
         """The format the run trained on, in which chat, evaluate and the Modelfile render prompts: config.yaml
         records it; for a run that recorded `auto`, detected again from its data files, else `default`."""
         from qloraga.config import DEMO_TRAIN
-        from qloraga.data import DataError, is_local, read_records, resolve_format
+        from qloraga.data import is_local, read_records
+        from qloraga.errors import DataError
+        from qloraga.formats import resolve_format
 
         if self.config.dataset_format != "auto":
             return self.config.dataset_format

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from qloraga.batches import Collator, Example
 from qloraga.config import SCALED_OPTIMIZERS, RunConfig, resolve_optim
-from qloraga.data import Collator, Example
 from qloraga.errors import RunInterrupted
 from qloraga.io import atomic_file
 from qloraga.optim import scaled_optimizer

@@ -336,7 +336,7 @@ def estimated(model, batches, chunk_blocks=None, init_memory_gb=4.0, checkpointi
 
 def training_prompt(tokenizer, prompt: str) -> list[int]:
     """The ids training put before the completion of a prompt-completion record with this prompt."""
-    from qloraga.data import IGNORE, tokenize
+    from qloraga.batches import IGNORE, tokenize
 
     (example,), _ = tokenize([{"prompt": prompt, "completion": " 7"}], "prompt-completion", tokenizer, 512)
     return example.input_ids[:next(i for i, label in enumerate(example.labels) if label != IGNORE)]

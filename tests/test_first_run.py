@@ -18,8 +18,8 @@ from qloraga import load_model
 from qloraga.cli.finetune import main as finetune
 from qloraga.cli.finetune import parser
 from qloraga.config import RunConfig
-from qloraga.data import count_empty_responses
 from qloraga.errors import DataError, ModelSourceError
+from qloraga.formats import count_empty_responses
 from qloraga.recipe import prepare_output_dir
 from qloraga.runs import RUN_OUTPUTS
 

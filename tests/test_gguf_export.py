@@ -188,7 +188,7 @@ def test_sentencepiece_tokenizer_gets_the_adapter_only(tmp_path, capsys):
 
 
 def test_ollama_templates():
-    from qloraga.data import FALLBACK_CHAT_TEMPLATE
+    from qloraga.formats import FALLBACK_CHAT_TEMPLATE
 
     assert ollama_template(CHATML, "<|im_end|>")[1] == ["<|im_start|>", "<|im_end|>"]
     go, stops = ollama_template(FALLBACK_CHAT_TEMPLATE, "</s>")
@@ -201,8 +201,8 @@ def test_ollama_templates():
 def test_modelfile_renders_prompts_as_training_did(tmp_path, fmt, record):
     """A run on prompt-completion or alpaca data: Ollama's template puts the message where training put the
     prompt (no chat template), and says so."""
-    from qloraga.data import render
     from qloraga.export.gguf import write_modelfile
+    from qloraga.formats import render
 
     tok = byte_level_tokenizer()
     modelfile = write_modelfile(tok, tmp_path / "Modelfile", fmt=fmt).read_text()

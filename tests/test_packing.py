@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from qloraga import QLoraGAConfig
 from qloraga.adapters import get_lora_model
+from qloraga.batches import IGNORE, Collator, Example, pack
 from qloraga.config import RunConfig
-from qloraga.data import IGNORE, Collator, Example, pack
 from qloraga.evaluation import held_out_loss
 from qloraga.training import build_trainer, parse_line
 

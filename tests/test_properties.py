@@ -9,8 +9,10 @@ from conftest import tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qloraga.batches import IGNORE, pack, tokenize
 from qloraga.config import DIRECTIONS, SCALES, ConfigError, Init, QLoraGAConfig, RunConfig, merge_settings
-from qloraga.data import FORMATS, IGNORE, DataError, pack, prepare_tokenizer, tokenize
+from qloraga.errors import DataError
+from qloraga.formats import FORMATS, prepare_tokenizer
 
 RUN_KEYS = [f.name for f in fields(RunConfig)] + ["not_a_setting"]
 LORA_KEYS = [f.name for f in fields(QLoraGAConfig)] + ["rank"]

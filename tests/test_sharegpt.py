@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_tokenizer
 
-from qloraga.data import DataError, detect_format, prepare_tokenizer, prompt_and_answer, resolve_format, tokenize
+from qloraga.batches import tokenize
+from qloraga.errors import DataError
+from qloraga.formats import detect_format, prepare_tokenizer, prompt_and_answer, resolve_format
 from qloraga.preflight import check_records
 
 SHAREGPT = {"conversations": [{"from": "system", "value": "You add numbers."},

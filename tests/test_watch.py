@@ -33,8 +33,8 @@ def test_held_out_loss_every_eval_steps_matches_the_final_evaluation(tiny_model_
 def test_eval_steps_zero_turns_evaluation_during_training_off(tiny_model_dir, tmp_path):
     from qloraga import QLoraGAConfig
     from qloraga.adapters import get_lora_model
+    from qloraga.batches import Collator, Example
     from qloraga.config import RunConfig
-    from qloraga.data import Collator, Example
     from qloraga.loading import load_model
     from qloraga.training import build_trainer
 

@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
 
 class Chat:
     """A conversation with a model: the messages so far, one streamed answer per `reply`, each prompt rendered
-    as data of format `fmt` was in training (`data.generation_prompt`)."""
+    as data of format `fmt` was in training (`formats.generation_prompt`)."""
 
     def __init__(self, model, tokenizer, args: argparse.Namespace, stream=None, fmt: str = "messages"):
         self.model, self.tokenizer, self.args, self.fmt = model, tokenizer, args, fmt
@@ -50,7 +50,7 @@ class Chat:
         import torch
         from transformers import TextStreamer
 
-        from qloraga.data import encode_prompt, generation_prompt
+        from qloraga.formats import encode_prompt, generation_prompt
 
         self.messages.append({"role": "user", "content": text})
         ids = torch.tensor([encode_prompt(self.tokenizer, generation_prompt(self.messages, self.fmt, self.tokenizer),
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     from qloraga.cli import run_command
-    from qloraga.data import CHAT_FORMATS, RENDERINGS
     from qloraga.errors import ConfigError
+    from qloraga.formats import CHAT_FORMATS, RENDERINGS
     from qloraga.runs import load_run_model, open_run
 
     def job() -> None:

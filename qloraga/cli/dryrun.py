@@ -13,8 +13,9 @@ import yaml
 from torch import nn
 from transformers import AutoTokenizer
 
+from qloraga.batches import IGNORE, pack, tokenize
 from qloraga.config import ADAPTER_DTYPES, COMPUTE_DTYPES, RunConfig
-from qloraga.data import CHAT_FORMATS, IGNORE, pack, prepare_tokenizer, render, resolve_format, tokenize
+from qloraga.formats import CHAT_FORMATS, prepare_tokenizer, render, resolve_format
 from qloraga.init.chunks import (
     activation_bytes,
     adapter_params,

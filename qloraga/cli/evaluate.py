@@ -18,11 +18,13 @@ import sys
 from peft import PeftModel
 from transformers import AutoTokenizer
 
+from qloraga.batches import Collator, tokenize
 from qloraga.cli import run_command
 from qloraga.config import DEMO_EVAL, DEMO_MODEL
-from qloraga.data import RENDERINGS, Collator, prepare_tokenizer, read_records, resolve_format, tokenize
+from qloraga.data import read_records
 from qloraga.errors import ConfigError
 from qloraga.evaluation import exact_match, held_out_loss
+from qloraga.formats import RENDERINGS, prepare_tokenizer, resolve_format
 from qloraga.loading import load_model
 from qloraga.model_source import model_source
 

@@ -336,7 +336,7 @@ MISTRAL = ("{{- range $i, $_ := .Messages }}{{- if eq .Role \"user\" }}[INST] {{
 
 def ollama_template(chat_template: str | None, eos: str) -> tuple[str | None, list[str]]:
     """Ollama's Go template and stop strings for the chat templates it can express, else (None, [eos])."""
-    from qloraga.data import FALLBACK_CHAT_TEMPLATE
+    from qloraga.formats import FALLBACK_CHAT_TEMPLATE
 
     template = chat_template or ""
     if "<|im_start|>" in template:
@@ -354,8 +354,8 @@ def ollama_template(chat_template: str | None, eos: str) -> tuple[str | None, li
 
 def training_template(fmt: str, tokenizer) -> str:
     """Ollama's template for a run trained on prompt-completion, alpaca or text data: the message (`.Prompt`)
-    in that format's prompt, as training rendered it (`data.generation_prompt`); llama.cpp adds the BOS."""
-    from qloraga.data import generation_prompt
+    in that format's prompt, as training rendered it (`formats.generation_prompt`); llama.cpp adds the BOS."""
+    from qloraga.formats import generation_prompt
 
     return generation_prompt([{"role": "user", "content": "{{ .Prompt }}"}], fmt, tokenizer)
 
@@ -363,7 +363,7 @@ def training_template(fmt: str, tokenizer) -> str:
 def write_modelfile(tokenizer, path: str | os.PathLike, model_file: str = "./model-q8_0.gguf",
                     fmt: str = "messages") -> Path:
     """An Ollama Modelfile whose prompts are rendered as the run's training (on `fmt` data) rendered them."""
-    from qloraga.data import CHAT_FORMATS, RENDERINGS
+    from qloraga.formats import CHAT_FORMATS, RENDERINGS
 
     eos = tokenizer.eos_token or ""
     if fmt in CHAT_FORMATS:

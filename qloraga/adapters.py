@@ -13,7 +13,8 @@ an error of ~1e-2; docs/ALGORITHM.md sections 2 and 6.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sized
+from collections.abc import Callable, Iterable, Sized
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from qloraga.config import QLoraGAConfig
+from qloraga.config import QLoraGAConfig, option
 from qloraga.errors import ConfigError, DataError
 from qloraga.init.pipeline import Factors, initial_factors
-from qloraga.loading import disable_cpu_repacking
+from qloraga.loading import disable_cpu_repacking, is_4bit
 from qloraga.targets import find_target_layers
 
 ADAPTER = "default"
@@ -40,13 +41,22 @@ def lora_config(r: int, lora_alpha: float, target_modules: list[str], lora_dropo
                       bias="none", task_type="CAUSAL_LM", **extra)
 
 
+def no_autocast(device: torch.device) -> AbstractContextManager:
+    """A region where an enclosing autocast (TRL's and accelerate's `bf16=True`) does not recast matmuls to bf16:
+    there `B A - B0 A0` would round A and A0, B and B0 to bf16 first, and a learned `B - B0` below bf16's
+    resolution of B would cancel to noise. The device type is the tensors' ("cuda", "cpu"); one without autocast
+    (meta) needs no region."""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
+
+
 def delta_weight(layer: LoraLayer, adapter: str = ADAPTER) -> torch.Tensor:
     """The layer's adapter update in fp32, shape (out, in): `s (B A - B0 A0)` with the frozen correction,
-    `s B A` without (LoRA-One, plain LoRA)."""
+    `s B A` without (LoRA-One, plain LoRA); in fp32 under any autocast too."""
     a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
-    update = b @ a
-    if hasattr(layer, A0_BUFFER):
-        update = update - getattr(layer, B0_BUFFER).float() @ getattr(layer, A0_BUFFER).float()
+    with no_autocast(a.device):
+        update = b @ a
+        if hasattr(layer, A0_BUFFER):
+            update = update - getattr(layer, B0_BUFFER).float() @ getattr(layer, A0_BUFFER).float()
     return layer.scaling[adapter] * update
 
 
@@ -88,15 +98,21 @@ class ResidualCorrection(LoraVariant):
     def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
                 **kwargs) -> torch.Tensor:
         lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        x = x.to(lora_a.weight.dtype)
+        a0, b0 = getattr(module, A0_BUFFER), getattr(module, B0_BUFFER)
         # One rank-2r product [B, -B0] [A dropout(x); A0 x]: the two terms cancel inside the matmul's
-        # fp32 accumulation, before any rounding to bf16, exactly as the exported adapter computes.
+        # fp32 accumulation, before any rounding to bf16, exactly as the exported adapter computes. In the
+        # correction's dtype whatever autocast encloses the model (`no_autocast`), and whatever dtype a trainer
+        # cast the trainable A, B to.
+        dtype = a0.dtype
+        a, b = lora_a.weight.to(dtype), lora_b.weight.to(dtype)
         dropout = module.lora_dropout[active_adapter]
-        if isinstance(dropout, nn.Identity):  # one matmul with [A; A0] reads x once, forward and backward
-            h = F.linear(x, torch.cat([lora_a.weight, getattr(module, A0_BUFFER)]))
-        else:
-            h = torch.cat([lora_a(dropout(x)), F.linear(x, getattr(module, A0_BUFFER))], dim=-1)
-        delta = F.linear(h, torch.cat([lora_b.weight, -getattr(module, B0_BUFFER)], dim=1))
+        with no_autocast(x.device):
+            x = x.to(dtype)
+            if isinstance(dropout, nn.Identity):  # one matmul with [A; A0] reads x once, forward and backward
+                h = F.linear(x, torch.cat([a, a0]))
+            else:
+                h = torch.cat([F.linear(dropout(x), a), F.linear(x, a0)], dim=-1)
+            delta = F.linear(h, torch.cat([b, -b0], dim=1))
         return result + (delta * module.scaling[active_adapter]).to(result.dtype)
 
 
@@ -113,11 +129,19 @@ def start_adapter(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: t
     return a0, b0
 
 
-def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: torch.dtype) -> None:
-    """Start the trainable adapter at (A0, B0) and keep the same bits as the frozen correction."""
+def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: torch.dtype,
+                      offset: tuple[torch.Tensor, torch.Tensor] | None = None, cancel: bool = True) -> None:
+    """Start the trainable adapter at (A0, B0); the frozen buffers keep the same bits (`cancel`: LoRA-GA's
+    correction, step 0 = the base) and/or `offset = (A_e, B_e)`, a frozen start the layer adds (the
+    quantization-error fit): buffers `[A0; A_e]`, `[B0, -B_e]`, so the layer computes
+    `s (B A - B0 A0 + B_e A_e)`, and the export's fold stays the one `[A; A0], [B, -B0]`."""
     a0, b0 = start_adapter(layer, a0, b0, dtype)
-    layer.register_buffer(A0_BUFFER, a0.clone())
-    layer.register_buffer(B0_BUFFER, b0.clone())
+    frozen_a, frozen_b = ([a0.clone()], [b0.clone()]) if cancel else ([], [])
+    if offset is not None:
+        frozen_a.append(offset[0].to(a0))
+        frozen_b.append(-offset[1].to(b0))
+    layer.register_buffer(A0_BUFFER, torch.cat(frozen_a))
+    layer.register_buffer(B0_BUFFER, torch.cat(frozen_b, dim=1))
     layer.lora_variant[ADAPTER] = ResidualCorrection()
 
 
@@ -155,41 +179,61 @@ def rank_patterns(ranks: dict[str, int], r: int, scaling: float, factor: int = 1
             "alpha_pattern": {n: factor * scaling * k for n, k in other.items()}}
 
 
-def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig) -> PeftModel:
+def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig, offsets: Factors | None = None
+                  ) -> PeftModel:
     """A PEFT model whose adapter "default" starts at the given factors (per-layer ranks from their shapes):
     with the frozen correction for LoRA-GA (step 0 = the base), without it for LoRA-One and GoRA (step 0 =
-    the base plus the initial product)."""
+    the base plus the initial product). `offsets` (the quantization-error fit) are frozen starts added on top
+    of either (`attach_correction`)."""
     ranks = {n: a0.shape[0] for n, (a0, _) in factors.items()}
     peft_config = lora_config(config.r, config.lora_alpha, sorted(factors), config.lora_dropout,
                               **rank_patterns(ranks, config.r, config.scaling))
     peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
     base = peft_model.get_base_model()
     for name, (a0, b0) in factors.items():
-        if config.method == "lora-ga":
-            attach_correction(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
+        offset = (offsets or {}).get(name)
+        if config.method == "lora-ga" or offset is not None:
+            attach_correction(base.get_submodule(name), a0, b0, config.torch_adapter_dtype, offset,
+                              cancel=config.method == "lora-ga")
         else:
             start_adapter(base.get_submodule(name), a0, b0, config.torch_adapter_dtype)
     return peft_model
 
 
-def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable[dict]) -> PeftModel:
+def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable[dict], *,
+                      originals: Callable[[str], torch.Tensor] | None = None) -> PeftModel:
     """LoRA-GA (or LoRA-One or GoRA, `config.method`) on `model` (4-bit or not): estimate the gradient on
     `batches`, factorise (at per-layer ranks under `rank_allocation: gradient`), wire PEFT adapters.
 
     `batches` is re-iterable (list or DataLoader) of dicts with `input_ids`, `attention_mask`, `labels`.
     With LoRA-GA the returned model computes exactly what `model` computed, until it is trained; with
     LoRA-One it starts one scaled rank-r gradient step away. Its `qloraga_report` attribute says how the
-    initialisation went.
+    initialisation went. With `config.quant_error` on, every layer also carries the frozen rank-r fit of its
+    quantization error, on top of that start (`originals(name)`: the unquantized weight of a layer, by default
+    read from the checkpoint the model was loaded from).
     """
     config.validate()
     check_batches(batches)
     targets = find_target_layers(model, config.target_modules)
     check_target_rank(targets, config.r, 2 * config.r if config.method == "lora-ga" else config.r)
+    check_quant_error(targets, config)
     disable_cpu_repacking(model)
-    factors, report = initial_factors(model, targets, batches, config)
-    peft_model = wire_adapters(model, factors, config)
+    offsets = {} if config.quant_error != "off" else None
+    factors, report = initial_factors(model, targets, batches, config, offsets=offsets, originals=originals)
+    peft_model = wire_adapters(model, factors, config, offsets)
     peft_model.qloraga_report = report
     return peft_model
+
+
+def check_quant_error(targets: dict[str, nn.Linear], config: QLoraGAConfig) -> None:
+    """The quantization-error fit needs 4-bit layers (a bf16 base has no error to fit)."""
+    if config.quant_error != "off" and config.method == "lora-ga":
+        raise ConfigError(f"{option('lora_ga.quant_error')} {config.quant_error} is not yet combined with LoRA-GA's "
+                          "correction: use --init lora-one (or gora) with it.")
+    if config.quant_error != "off" and not any(is_4bit(m) for m in targets.values()):
+        raise ConfigError(f"{option('lora_ga.quant_error')} {config.quant_error} fits the 4-bit weights' "
+                          "quantization error, and this model's target layers are not 4-bit: load it with --4bit "
+                          f"(load_in_4bit=True), or set {option('lora_ga.quant_error')} off.")
 
 
 def get_lora_model(model: nn.Module, config: QLoraGAConfig) -> PeftModel:

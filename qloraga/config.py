@@ -27,6 +27,9 @@ Init = Literal["lora-ga", "lora-one", "gora", "lora"]  # what a run can start fr
 # its importance: GoRA's sensitivity mean |W * G|, or the norm of the gradient's best rank-r part.
 RankAllocation = Literal["uniform", "gradient"]
 Importance = Literal["sensitivity", "spectrum"]
+# The quantization-error fit (docs/ALGORITHM.md section 9): off, or the metric of its rank-r fit of W - deq(Wq):
+# the layer's inputs (X^T X), their diagonal, or none (the weight-space SVD).
+QuantError = Literal["off", "activation", "diagonal", "weight"]
 DatasetFormat = Literal["auto", "alpaca", "messages", "prompt-completion", "sharegpt", "text"]
 DtypeName = Literal["bfloat16", "float32"]
 QuantStorage = Literal["uint8", "bfloat16", "float32"]
@@ -191,6 +194,14 @@ class QLoraGAConfig:
     # gamma ||G||_F (one gradient step of rate gamma, compressed on A's r random directions); the paper's 0.05.
     gora_gamma: float = setting(0.05, "GoRA's gamma: the initial product's expected norm is gamma ||G||_F",
                                 flag=None)
+    # Issue 26: a frozen rank-r start that recovers the 4-bit weights' error as the inputs see it, under the
+    # init's own trainable start (its gradient step); folded at export, nothing is re-quantized.
+    quant_error: QuantError = setting("off", "fit the 4-bit quantization error W - deq(Wq) into a frozen rank-r "
+                                             "start under the init's own: activation (weighted by the layer's "
+                                             "inputs X^T X), diagonal (by its diagonal), weight (plain SVD), or off; "
+                                             "needs --4bit from an unquantized checkpoint")
+    quant_error_damping: float = setting(0.01, "quantization-error fit: ridge on X^T X as a share of its mean "
+                                               "diagonal (CorDA's damping)", flag=None)
     init_memory_gb: float | str = setting("auto", "memory budget (GiB) of one chunk's gradient accumulators, or "
                                                   "auto: the fewest passes the free memory allows")
     chunk_blocks: int | None = setting(None, "decoder blocks per chunk (null: planned from init_memory_gb)",
@@ -268,6 +279,16 @@ class QLoraGAConfig:
         if self.chunk_blocks is not None and self.chunk_blocks < 1:
             raise ConfigError(f"{option('lora_ga.chunk_blocks')} must be at least 1 (or null to plan from "
                               f"init_memory_gb), got {self.chunk_blocks!r}.")
+        if not self.quant_error_damping > 0:
+            raise ConfigError(f"{option('lora_ga.quant_error_damping')} must be positive, got "
+                              f"{self.quant_error_damping!r}: use e.g. 0.01.")
+        if self.quant_error != "off" and self.estimator == "sketch":
+            raise ConfigError(f"{option('lora_ga.quant_error')} {self.quant_error} needs each layer's X^T X, which "
+                              f"only the exact estimator accumulates: use {option('lora_ga.estimator')} exact, or "
+                              f"{option('lora_ga.quant_error')} off.")
+        if self.quant_error != "off" and self.rank_allocation != "uniform":
+            raise ConfigError(f"{option('lora_ga.quant_error')} {self.quant_error} fits the error at the uniform rank "
+                              f"r: use {option('lora_ga.rank_allocation')} uniform with it.")
         if self.svd_niter is not None and self.svd_niter < 1:
             raise ConfigError(f"{option('lora_ga.svd_niter')} must be at least 1 (or null for the exact SVD), got "
                               f"{self.svd_niter!r}.")
@@ -384,6 +405,9 @@ class RunConfig:
             raise ConfigError(f"{option('lora_ga.rank_allocation')} {self.lora_ga.rank_allocation} allocates "
                               "ranks from the gradient, which --init lora does not compute: use --init lora-one, "
                               "lora-ga or gora, or --rank-allocation uniform.")
+        if self.init == "lora" and self.lora_ga.quant_error != "off":
+            raise ConfigError(f"{option('lora_ga.quant_error')} {self.lora_ga.quant_error} runs in the init's "
+                              "calibration pass, which --init lora does not make: use --init lora-one (or gora).")
         self.lora_ga.validate()
         return self
 

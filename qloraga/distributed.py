@@ -2,7 +2,9 @@
 
 Every rank must start from bit-identical adapters built from the gradient of all ranks' data: the
 fp32 accumulators of a chunk are all-reduced (sum) before the SVD, rank 0 factorises, and the factors
-are broadcast. With no process group (one process) every function here is a no-op.
+are broadcast. With no process group (one process) every function here is a no-op. Every collective's tensor
+goes to the device of the group's backend (`collective_device`): NCCL, which torchrun and `accelerate launch`
+start on GPUs, takes CUDA tensors only.
 """
 
 from __future__ import annotations
@@ -37,12 +39,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where the group's backend takes tensors: NCCL the current CUDA device (it has no CPU tensors), gloo
+    the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def collective_(op, tensor: torch.Tensor, **kwargs) -> None:
+    """`op(tensor, **kwargs)` in place (`dist.all_reduce`, `dist.broadcast`), through a copy on the backend's
+    device when the tensor lives elsewhere (a CPU model under NCCL, a CUDA one under gloo)."""
+    device = collective_device()
+    if tensor.device == device:
+        op(tensor, **kwargs)
+        return
+    staged = tensor.to(device)
+    op(staged, **kwargs)
+    tensor.copy_(staged)
+
+
 def broadcast_object(obj):
     """Rank 0's value of a picklable object, on every rank (e.g. a run folder named after the time)."""
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=collective_device())
     return box[0]
 
 
@@ -73,12 +93,13 @@ def global_mean_(grads: dict[str, torch.Tensor], local_batches: int) -> dict[str
     """Turn each rank's mean over its own batches into the mean over all ranks' batches, in place."""
     if not active():
         return grads
-    total = torch.tensor([local_batches], dtype=torch.float64)
+    total = torch.tensor([local_batches], dtype=torch.float64, device=collective_device())
     dist.all_reduce(total)
+    batches = total.item()
     for name in sorted(grads):  # the same order on every rank
         grads[name].mul_(local_batches)
-        dist.all_reduce(grads[name])
-        grads[name].div_(total.item())
+        collective_(dist.all_reduce, grads[name])
+        grads[name].div_(batches)
     return grads
 
 
@@ -86,4 +107,4 @@ def broadcast_(tensors: list[torch.Tensor]) -> None:
     """Rank 0's values into every rank's tensors (same shapes and order everywhere)."""
     if active():
         for t in tensors:
-            dist.broadcast(t, src=0)
+            collective_(dist.broadcast, t, src=0)

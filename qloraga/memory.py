@@ -1,4 +1,8 @@
-"""Peak memory readings: the accelerator's allocator peak, or this process's peak RSS on a CPU."""
+"""Memory readings: the accelerator's allocator peak, or this process's peak RSS on a CPU.
+
+Each reading is about a device, the device of the weights it concerns: a model on the CPU of a machine
+with a GPU is measured as a CPU model. `device=None` (the benchmarks' whole-process readings) means this
+process's GPU where there is one."""
 
 from __future__ import annotations
 
@@ -7,9 +11,20 @@ from pathlib import Path
 import torch
 
 
-def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+def on_cuda(device: torch.device | None) -> bool:
+    return torch.cuda.is_available() if device is None else device.type == "cuda"
+
+
+def reset_peak(device: torch.device | None = None) -> None:
+    if on_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def release_cache(device: torch.device | None) -> None:
+    """Hand the CUDA caching allocator's unused blocks back to the device (after the init: the training's
+    paged optimizer then finds them free). Call it where the freed tensors have no reference left."""
+    if on_cuda(device):
+        torch.cuda.empty_cache()
 
 
 def proc_status_gb(key: str) -> float:
@@ -24,22 +39,22 @@ def proc_status_gb(key: str) -> float:
     return float("nan")
 
 
-def peak_memory_gb() -> float:
+def peak_memory_gb(device: torch.device | None = None) -> float:
     """CUDA: `max_memory_allocated` since the last reset. CPU: the process's VmHWM (peak RSS so far)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+    if on_cuda(device):
+        return torch.cuda.max_memory_allocated(device) / 2**30
     return proc_status_gb("VmHWM")
 
 
-def current_memory_gb() -> float:
+def current_memory_gb(device: torch.device | None = None) -> float:
     """CUDA: `memory_allocated` now. CPU: the process's VmRSS (resident memory now)."""
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated() / 2**30
+    if on_cuda(device):
+        return torch.cuda.memory_allocated(device) / 2**30
     return proc_status_gb("VmRSS")
 
 
-def memory_kind() -> str:
-    return "GPU max allocated" if torch.cuda.is_available() else "process peak RSS"
+def memory_kind(device: torch.device | None = None) -> str:
+    return "GPU max allocated" if on_cuda(device) else "process peak RSS"
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -18,19 +18,25 @@ with a GPU measured as a GPU model.
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import make_batches
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
-from qloraga import QLoraGAConfig, get_qloraga_model, load_model
+from qloraga import QLoraGAConfig, distributed, get_qloraga_model, load_model
+from qloraga.init import gradient, pipeline, sketch
+from qloraga.init.pipeline import initial_factors
+from qloraga.memory import free_memory_bytes
+from qloraga.targets import find_target_layers
 
 CUDA = torch.device("cuda", 0)
 COPIES = (torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default)  # may cross devices, as on a GPU
@@ -261,3 +267,213 @@ def gguf_model_dir(tmp_path_factory):
         return made[family]
 
     return make
+
+
+# ------------------------------------------------------------------------- 2. collectives under NCCL
+
+
+@pytest.fixture
+def one_process_group(tmp_path, monkeypatch):
+    """A real gloo group of one process, that `qloraga.distributed` treats as a group of several."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    yield
+    dist.destroy_process_group()
+
+
+def checked_collectives(monkeypatch, backend: str) -> list[tuple[str, torch.device]]:
+    """Say the group's backend is `backend` and record the device of every collective's tensor; the collectives
+    run on gloo with the values, as if a second rank held the same values (all_reduce doubles them) and rank 0
+    held sevens (broadcast), so a result that does not reach the caller's tensor shows."""
+    seen: list[tuple[str, torch.device]] = []
+    real_all_reduce, real_broadcast, real_objects = dist.all_reduce, dist.broadcast, dist.broadcast_object_list
+
+    def all_reduce(tensor, *args, **kwargs):
+        seen.append(("all_reduce", tensor.device))
+        real_all_reduce(inner(tensor), *args, **kwargs)
+        inner(tensor).mul_(2)
+
+    def broadcast(tensor, src, *args, **kwargs):
+        seen.append(("broadcast", tensor.device))
+        real_broadcast(inner(tensor), src, *args, **kwargs)
+
+    def broadcast_object_list(objects, src=0, group=None, device=None, **kwargs):
+        seen.append(("broadcast_object_list", torch.device(device or "cpu")))
+        real_objects(objects, src=src, group=group)
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "broadcast", broadcast)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    return seen
+
+
+EXPECTED = {"nccl": CUDA, "gloo": torch.device("cpu")}
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_collectives_run_on_the_device_of_the_backend(fake_gpu, one_process_group, monkeypatch, backend, where):
+    """torchrun and `accelerate launch` start NCCL, which has no CPU tensors: every collective's tensor is on the
+    current CUDA device under NCCL and on the CPU under gloo, wherever the caller's tensors are, and the result
+    comes back into them. Before the fix `global_mean_` all-reduced a CPU count under NCCL."""
+    seen = checked_collectives(monkeypatch, backend)
+    grads = {"b": torch.full((2, 3), 4.0, device=where), "a": torch.arange(3.0, device=where)}
+    out = distributed.global_mean_(grads, local_batches=3)  # two ranks of 3 batches, the same means
+    torch.testing.assert_close(out["a"].cpu(), torch.arange(3.0))
+    torch.testing.assert_close(out["b"].cpu(), torch.full((2, 3), 4.0))
+    factors = [torch.zeros(2, device=where), torch.ones(3, device=where)]
+    distributed.broadcast_(factors)
+    assert distributed.broadcast_object({"run": "a"}) == {"run": "a"}
+    assert [kind for kind, _ in seen] == ["all_reduce"] * 3 + ["broadcast"] * 2 + ["broadcast_object_list"]
+    assert {device for _, device in seen} == {EXPECTED[backend]}
+    assert all(t.device.type == where for t in (*out.values(), *factors))
+
+
+# ------------------------------------------------------------------------ the init on a (fake) GPU
+
+
+def replay_gradients(monkeypatch, cpu_model: nn.Module) -> None:
+    """The gradient passes (exact and sketch) run on `cpu_model` (autograd, which the fake GPU lacks) and hand
+    their (x, delta) pairs to the init on the fake GPU as FakeCuda tensors."""
+    real = gradient.backward_pass
+    cpu_layers = find_target_layers(cpu_model)
+
+    def on_gpu(model, layers, batches, on_pair, progress=None, checkpointing=False):
+        pairs = []  # handed over once the backward pass is done: FakeCudaMode is off inside `loss.backward()`
+        n = real(cpu_model, {n: cpu_layers[n] for n in layers}, batches,
+                 lambda name, x, delta: pairs.append((name, x, delta)), progress, checkpointing)
+        for name, x, delta in pairs:
+            on_pair(name, FakeCuda(x), FakeCuda(delta))
+        return n
+
+    monkeypatch.setattr(gradient, "backward_pass", on_gpu)
+    monkeypatch.setattr(sketch, "backward_pass", on_gpu)
+
+
+def assert_same_factors(gpu: dict, cpu: dict) -> None:
+    assert list(gpu) == list(cpu)
+    for name, (a, b) in gpu.items():
+        assert a.device == CUDA and b.device == CUDA, name
+        torch.testing.assert_close(a.cpu(), cpu[name][0], rtol=0, atol=0)
+        torch.testing.assert_close(b.cpu(), cpu[name][1], rtol=0, atol=0)
+
+
+SETTINGS = {
+    "lora-ga": dict(), "lora-one": dict(method="lora-one"), "gora": dict(method="gora", rank_allocation="gradient"),
+    "gradient ranks": dict(rank_allocation="gradient"), "sketch": dict(estimator="sketch"),
+    "gora sketch": dict(method="gora", rank_allocation="gradient", estimator="sketch"),
+    "cache": dict(cache_dir=True),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_init_on_the_gpu_matches_the_cpu_and_releases_the_cache(tiny_model_dir, tmp_path, monkeypatch, fake_gpu,
+                                                                 setting):
+    """The init with the model on the GPU (its accumulators, sketches, SVDs, summaries and factors there) gives
+    the CPU's factors bit for bit, measures the GPU, and hands the CUDA cache back when it ends, before
+    training's optimizer allocates. Before the fix the cache was never released after an init."""
+    settings = dict(SETTINGS[setting])
+    if settings.pop("cache_dir", False):
+        settings["cache_dir"] = str(tmp_path / "cache")
+    config = QLoraGAConfig(r=2, progress=False, **settings)
+    batches = make_batches(n_batches=2)
+    cpu_model = tiny_fp32(tiny_model_dir("llama"))
+    on_cpu, _ = initial_factors(cpu_model, find_target_layers(cpu_model), batches, config)
+    if config.cache_dir:
+        Path(config.cache_dir).rename(tmp_path / "cpu-cache")  # the GPU's init computes, not reads, its factors
+    model = to_fake_gpu(tiny_fp32(tiny_model_dir("llama")))
+    replay_gradients(monkeypatch, cpu_model)
+    fake_gpu.calls.clear()
+    on_gpu, report = initial_factors(model, find_target_layers(model), batches, config)
+    assert_same_factors(on_gpu, on_cpu)
+    assert report.memory_kind == "GPU max allocated" and report.peak_memory_gb == fake_gpu.allocated / 2**30
+    assert fake_gpu.calls == ["reset_peak", "empty_cache"]
+
+
+# ------------------------------------------------------------------------------ 5. memory on CUDA
+
+
+def test_free_memory_on_cuda_counts_the_caching_allocators_unused_blocks(fake_gpu):
+    """What the init may plan on: the driver's free bytes plus the blocks torch caches but does not use."""
+    fake_gpu.free, fake_gpu.reserved, fake_gpu.allocated = 5 * 2**30, 3 * 2**30, 2**30
+    assert free_memory_bytes(CUDA) == (5 + 3 - 1) * 2**30
+    meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    assert abs(free_memory_bytes(torch.device("cpu")) - available) < 2**30  # read a moment apart
+
+
+def test_a_cpu_model_on_a_machine_with_a_gpu_is_measured_on_the_cpu(tiny_model_dir, fake_gpu):
+    """A library user whose model is on the CPU while CUDA is available gets CPU behaviour: decided by the
+    device of the weights, not `torch.cuda.is_available()` (which said "GPU" before the fix)."""
+    model = tiny_fp32(tiny_model_dir("llama"))
+    _, report = initial_factors(model, find_target_layers(model), make_batches(n_batches=2),
+                                QLoraGAConfig(r=2, progress=False))
+    assert report.memory_kind == "process peak RSS"
+    assert fake_gpu.calls == []  # no CUDA peak reset, no cache release
+
+
+def test_an_oom_chunk_is_released_once_nothing_holds_it(tiny_model_dir, monkeypatch, fake_gpu):
+    """A chunk that runs out of memory is halved; the CUDA cache is emptied once the failed chunk's tensors have
+    no reference left (inside the `except`, its traceback's frames still held them, so nothing was freed)."""
+    cpu_model = tiny_fp32(tiny_model_dir("llama"))
+    batches = make_batches(n_batches=2)
+    config = QLoraGAConfig(r=2, progress=False, init_memory_gb=1.0)  # one chunk of both blocks
+    on_cpu, _ = initial_factors(cpu_model, find_target_layers(cpu_model), batches, config)
+    model = to_fake_gpu(tiny_fp32(tiny_model_dir("llama")))
+    replay_gradients(monkeypatch, cpu_model)
+    real, held = pipeline.accumulate_chunk, []
+
+    def out_of_memory_once(model, layers, *args):
+        if not held:
+            accumulators = torch.zeros(1024, device=CUDA)  # what the failed chunk had allocated
+            held.append(weakref.ref(accumulators))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, layers, *args)
+
+    freed = []
+    fake_gpu.on_release = lambda: freed.append(held[0]() is None)
+    monkeypatch.setattr(pipeline, "accumulate_chunk", out_of_memory_once)
+    on_gpu, report = initial_factors(model, find_target_layers(model), batches, config)
+    assert report.chunks == 2  # halved
+    assert freed[0] is True  # the first release (of the failed chunk) found its tensors gone
+    assert_same_factors(on_gpu, on_cpu)
+
+
+@pytest.mark.parametrize("setting", ["lora-ga", "gora"])
+def test_an_oom_in_the_svd_or_summaries_is_retried_on_halves(tiny_model_dir, monkeypatch, setting):
+    """The chunk's SVDs and summaries allocate beside its accumulators: an out-of-memory there halves the chunk
+    as one in the gradient pass does (before the fix it ended the run), and the factors are the same."""
+    settings = dict(SETTINGS[setting])
+    model = tiny_fp32(tiny_model_dir("llama"))
+    targets, batches = find_target_layers(model), make_batches(n_batches=2)
+    config = QLoraGAConfig(r=2, progress=False, init_memory_gb=1.0, **settings)
+    expected, _ = initial_factors(model, targets, batches, config)
+    real, calls = pipeline.summarise, []
+
+    def out_of_memory_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "summarise", out_of_memory_once)
+    factors, report = initial_factors(model, targets, batches, config)
+    assert report.chunks == 2
+    for name, (a, b) in expected.items():
+        torch.testing.assert_close(factors[name][0], a, rtol=0, atol=0)
+        torch.testing.assert_close(factors[name][1], b, rtol=0, atol=0)
+
+
+def test_a_block_that_does_not_fit_says_what_to_change(tiny_model_dir, monkeypatch):
+    """One decoder block out of memory cannot be halved: a one-line error naming the settings that shrink it."""
+    from qloraga.errors import InitOutOfMemory
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pipeline, "accumulate_chunk", out_of_memory)
+    model = tiny_fp32(tiny_model_dir("llama"))
+    with pytest.raises(InitOutOfMemory, match=r"--ga-batches, --seq-len.*lora_ga\.svd_niter"):
+        initial_factors(model, find_target_layers(model), make_batches(n_batches=2),
+                        QLoraGAConfig(r=2, progress=False, chunk_blocks=1))

@@ -17,6 +17,7 @@ from qloraga.batches import IGNORE, pack, tokenize
 from qloraga.config import ADAPTER_DTYPES, COMPUTE_DTYPES, RunConfig
 from qloraga.formats import CHAT_FORMATS, prepare_tokenizer, render, resolve_format
 from qloraga.init.chunks import (
+    accumulator_bytes,
     activation_bytes,
     adapter_params,
     free_budget,
@@ -49,8 +50,9 @@ class MemoryEstimate:
 
     def lines(self, cfg: RunConfig) -> list[str]:
         kind = f"4-bit NF4 + {cfg.dtype} rest" if cfg.load_in_4bit else cfg.dtype
+        xtx = " and X^T X (--quant-error)" if cfg.lora_ga.quant_error != "off" else ""
         return [f"  weights ({kind}): {size(self.weights)}",
-                f"  init (weights + a chunk's accumulators, {self.chunks} chunk(s) at --init-memory-gb "
+                f"  init (weights + a chunk's accumulators{xtx}, {self.chunks} chunk(s) at --init-memory-gb "
                 f"{cfg.lora_ga.init_memory_gb}, + factors, SVD workspace and one checkpointed batch): "
                 f"{size(self.init)}",
                 f"  training step (weights + adapters, gradients, AdamW + activations): {size(self.training)}"]
@@ -95,14 +97,14 @@ def estimate_memory(skeleton: nn.Module, cfg: RunConfig) -> MemoryEstimate:
     activations = activation_bytes(skeleton.config, tokens, width, cfg.gradient_checkpointing)
     adapters = training_step_bytes(adapter_params(targets, lora.r), ADAPTER_DTYPES[lora.adapter_dtype].itemsize,
                                    moment_bytes(cfg.optim, cuda))
+    fit = lora.quant_error != "off"  # X^T X beside each gradient, the fits' factors and workspace
+    own = init_own_bytes(targets, lora.r, lora.svd_niter, held_floats(targets, lora), fit)
     budget = lora.init_memory_gb
     if budget == "auto":
         free = max(free_memory_bytes(torch.device("cuda" if cuda else "cpu")) - int(weights), 0)
-        own = init_own_bytes(targets, lora.r, lora.svd_niter, held_floats(targets, lora))
         budget = free_budget(free, checkpointed, own).gb
-    chunks = plan_chunks(skeleton, targets, init_memory_gb=budget, chunk_blocks=lora.chunk_blocks)
-    accumulators = max(sum(4 * targets[n].in_features * targets[n].out_features for n in c) for c in chunks)
-    own = init_own_bytes(targets, lora.r, lora.svd_niter, held_floats(targets, lora))
+    chunks = plan_chunks(skeleton, targets, init_memory_gb=budget, chunk_blocks=lora.chunk_blocks, covariance=fit)
+    accumulators = max(sum(accumulator_bytes(targets[n], fit) for n in c) for c in chunks)
     return MemoryEstimate(weights, weights + accumulators + own + checkpointed, weights + adapters + activations,
                           len(chunks))
 

@@ -52,17 +52,31 @@ def adapter_params(targets: dict[str, nn.Linear], r: int) -> int:
     return sum(r * (m.in_features + m.out_features) for m in targets.values())
 
 
+def accumulator_bytes(m: nn.Linear, covariance: bool = False) -> int:
+    """One layer's fp32 accumulators in a chunk: its gradient (out x in) and, for the quantization-error fit,
+    its inputs' `X^T X` (in x in)."""
+    return BYTES_FP32 * (m.out_features * m.in_features + (m.in_features**2 if covariance else 0))
+
+
+def svd_floats(rows: int, cols: int, svd_niter: int | None, r: int) -> int:
+    """fp32 values the SVD of one rows x cols matrix allocates besides the matrix. Exact (`torch.linalg.svd`,
+    LAPACK gesdd, `full_matrices=False`): a copy, U (m x k), Vt (k x n) and about `4 k^2` of work, k = min(m, n).
+    Randomized (`svd_niter`): a few (m + n) x 4r panels."""
+    k = min(rows, cols)
+    return rows * cols + rows * k + k * cols + 4 * k * k if svd_niter is None else 3 * (rows + cols) * 4 * r
+
+
 def svd_workspace_bytes(targets: dict[str, nn.Linear], svd_niter: int | None, r: int) -> int:
-    """fp32 bytes the SVD of the largest target's gradient allocates besides the gradient itself. Exact
-    (`torch.linalg.svd`, LAPACK gesdd, `full_matrices=False`): a copy of G, U (m x k), Vt (k x n) and about
-    `4 k^2` of work, k = min(m, n). Randomized (`svd_niter`): a few (m + n) x 4r panels."""
-    worst = 0
-    for m in targets.values():
-        rows, cols = m.out_features, m.in_features
-        k = min(rows, cols)
-        floats = rows * cols + rows * k + k * cols + 4 * k * k if svd_niter is None else 3 * (rows + cols) * 4 * r
-        worst = max(worst, floats)
-    return BYTES_FP32 * worst
+    """fp32 bytes the SVD of the largest target's gradient allocates besides the gradient itself."""
+    return BYTES_FP32 * max(svd_floats(m.out_features, m.in_features, svd_niter, r) for m in targets.values())
+
+
+def error_fit_workspace_bytes(targets: dict[str, nn.Linear], svd_niter: int | None, r: int) -> int:
+    """fp32 bytes the quantization-error fit of the largest target holds besides its `X^T X` (`error_fit.py`):
+    the original weight, the error E and `E S` (out x in each), the damped `X^T X` and its Cholesky factor
+    (in x in each), and the SVD of `E S`."""
+    return BYTES_FP32 * max(3 * m.out_features * m.in_features + 2 * m.in_features**2
+                            + svd_floats(m.out_features, m.in_features, svd_niter, r) for m in targets.values())
 
 
 def activation_bytes(config, tokens: int, width: int, checkpointing: bool) -> int:
@@ -95,7 +109,7 @@ def held_floats(targets: dict[str, nn.Linear], config) -> int:
     finished chunks' summaries wait on disk (`pipeline.Finisher`), so in memory: the factors (the same budget
     of parameters) and one chunk's summaries at their largest rank `cap` (LoRA-One: `cap` singular triplets,
     LoRA-GA: `2 cap`, GoRA: `G A^T`, out x cap), bounded here by the largest layer's."""
-    held = adapter_params(targets, config.r)
+    held = adapter_params(targets, config.r) * (2 if config.quant_error != "off" else 1)  # + the fits' factors
     if config.rank_allocation == "uniform":
         return held
     worst = 0
@@ -105,11 +119,16 @@ def held_floats(targets: dict[str, nn.Linear], config) -> int:
     return held + worst
 
 
-def init_own_bytes(targets: dict[str, nn.Linear], r: int, svd_niter: int | None, held: int | None = None) -> int:
+def init_own_bytes(targets: dict[str, nn.Linear], r: int, svd_niter: int | None, held: int | None = None,
+                   quant_error: bool = False) -> int:
     """What the exact init holds besides its accumulators and activations: every target's fp32 factors (or
-    `held` values, `held_floats`) and one layer's SVD workspace."""
+    `held` values, `held_floats`) and one layer's SVD workspace, or its quantization-error fit's (one after the
+    other, never both at once)."""
     held = adapter_params(targets, r) if held is None else held
-    return held * BYTES_FP32 + svd_workspace_bytes(targets, svd_niter, r)
+    workspace = svd_workspace_bytes(targets, svd_niter, r)
+    if quant_error:
+        workspace = max(workspace, error_fit_workspace_bytes(targets, svd_niter, r))
+    return held * BYTES_FP32 + workspace
 
 
 def free_budget(free: int, activations: int, own: int) -> Budget:
@@ -130,7 +149,7 @@ def batch_tokens(batches: Iterable[dict]) -> int:
 
 def auto_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict], *, r: int,
                 svd_niter: int | None, checkpointing: bool, free_bytes: int | None = None,
-                held: int | None = None) -> Budget:
+                held: int | None = None, quant_error: bool = False) -> Budget:
     """`init_memory_gb="auto"`: the chunk's accumulators get the memory free on the targets' device (CUDA
     `mem_get_info`, CPU `MemAvailable`) less this init's activations, fp32 factors and SVD workspace
     (`free_budget`). Every process uses rank 0's budget (the same chunks everywhere)."""
@@ -138,7 +157,8 @@ def auto_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterab
     width = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
     activations = activation_bytes(getattr(model, "config", None), batch_tokens(batches), width, checkpointing)
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
-    return distributed.broadcast_object(free_budget(free, activations, init_own_bytes(targets, r, svd_niter, held)))
+    own = init_own_bytes(targets, r, svd_niter, held, quant_error)
+    return distributed.broadcast_object(free_budget(free, activations, own))
 
 
 def plan_chunks(
@@ -147,11 +167,13 @@ def plan_chunks(
     *,
     init_memory_gb: float,
     chunk_blocks: int | None = None,
+    covariance: bool = False,
 ) -> list[list[str]]:
     """Split the targets into chunks of consecutive decoder blocks.
 
-    Each chunk's fp32 accumulators (`4 * out * in` bytes per layer) fit `init_memory_gb`, unless a
-    single block is larger (then it is a chunk of its own); `chunk_blocks` fixes the blocks per chunk.
+    Each chunk's fp32 accumulators (`accumulator_bytes`: `4 * out * in` bytes per layer, plus `4 * in * in` for
+    the `X^T X` of the quantization-error fit with `covariance`) fit `init_memory_gb`, unless a single block is
+    larger (then it is a chunk of its own); `chunk_blocks` fixes the blocks per chunk.
     Targets outside the blocks (e.g. `lm_head`) join the last chunk.
     """
     blocks_name, _ = decoder_blocks(model)
@@ -162,7 +184,7 @@ def plan_chunks(
         (outside if idx is None else per_block.setdefault(idx, [])).append(name)
 
     def nbytes(names: list[str]) -> int:
-        return sum(BYTES_FP32 * targets[n].out_features * targets[n].in_features for n in names)
+        return sum(accumulator_bytes(targets[n], covariance) for n in names)
 
     budget = init_memory_gb * 2**30
     chunks: list[list[str]] = []
@@ -197,4 +219,5 @@ def chunk_budget(model: nn.Module, targets: dict[str, nn.Linear], batches: Itera
     if config.init_memory_gb != "auto":
         return Budget(float(config.init_memory_gb))
     return auto_budget(model, targets, batches, r=config.r, svd_niter=config.svd_niter,
-                       checkpointing=config.gradient_checkpointing, held=held_floats(targets, config))
+                       checkpointing=config.gradient_checkpointing, held=held_floats(targets, config),
+                       quant_error=config.quant_error != "off")

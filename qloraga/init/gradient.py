@@ -201,15 +201,47 @@ def accumulate_chunk(
     batches: Iterable[dict[str, torch.Tensor]],
     progress: tqdm | None = None,
     checkpointing: bool = False,
+    covariances: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mean over batches of dL/dW = sum_t delta_t x_t^T (fp32, out x in), L being each batch's mean loss."""
+    """Mean over batches of dL/dW = sum_t delta_t x_t^T (fp32, out x in), L being each batch's mean loss.
+
+    `covariances`, when given, is filled in the same pass with each layer's mean over batches of
+    `H = X^T X = sum_t x_t x_t^T` over the real tokens (attention mask 1; padding is no input the layer serves),
+    fp32, in x in: the metric of the quantization-error fit (`error_fit.py`)."""
     accum = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=m.weight.device)
              for n, m in layers.items()}
+    if covariances is not None:
+        covariances.update({n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32,
+                                           device=m.weight.device) for n, m in layers.items()})
+    masks = MaskOf(batches)
 
     def add(name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
         accum[name].addmm_(delta.T, x)
+        if covariances is not None:
+            x = masks.real_tokens(x)
+            covariances[name].addmm_(x.T, x)
 
-    n_batches = backward_pass(model, layers, batches, add, progress, checkpointing)
-    for acc in accum.values():
+    n_batches = backward_pass(model, layers, masks if covariances is not None else batches, add, progress,
+                              checkpointing)
+    for acc in [*accum.values(), *(covariances or {}).values()]:
         acc /= n_batches
     return accum
+
+
+class MaskOf:
+    """The batches, remembering the attention mask of the one being processed (its x reach the hooks while it is
+    current, in the forward or, checkpointed, in the backward pass)."""
+
+    def __init__(self, batches: Iterable[dict[str, torch.Tensor]]):
+        self.batches, self.mask = batches, None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.batches:
+            self.mask = batch.get("attention_mask")
+            yield batch
+
+    def real_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of a flattened input (tokens x features) that belong to real tokens."""
+        if self.mask is None or self.mask.numel() != x.shape[0]:
+            return x
+        return x[self.mask.reshape(-1).to(x.device).bool()]

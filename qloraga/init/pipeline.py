@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qloraga import distributed
-from qloraga.config import QLoraGAConfig
+from qloraga.config import QLoraGAConfig, option
 from qloraga.errors import InitOutOfMemory, TrainingDiverged
 from qloraga.init.cache import FactorCache, fingerprint
 from qloraga.init.chunks import chunk_budget, plan_chunks, split_chunk
@@ -42,7 +42,7 @@ from qloraga.init.gradient import accumulate_chunk
 from qloraga.init.ranks import allocate_ranks, describe_allocation, rank_cap, sensitivity, spectral_importance
 from qloraga.init.sketch import Sketch, sketched_singular_vectors
 from qloraga.loading import dequantized_weight
-from qloraga.memory import memory_kind, peak_memory_gb, reset_peak
+from qloraga.memory import memory_kind, peak_memory_gb, release_cache, reset_peak
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -285,32 +285,40 @@ def sketch_init(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterab
 
 def exact_init(model: nn.Module, targets: dict[str, nn.Linear], chunks: list[list[str]], batches: Iterable[dict],
                config: QLoraGAConfig, bar: tqdm, finish: Finisher) -> int:
-    """Chunk by chunk: accumulate G, then `finish` it (factorise and cache, or summarise); an out-of-memory
-    chunk is halved and retried."""
+    """Chunk by chunk: accumulate G, then `finish` it (factorise and cache, or summarise); a chunk that runs out
+    of memory (accumulating, or in its SVDs and summaries) is halved and retried."""
     pending = deque(chunks)
     n_batches = len(batches) if isinstance(batches, Sized) else None
+    device = next(iter(targets.values())).weight.device
+
+    def attempt(names: list[str]) -> bool:
+        """False if the device ran out of memory anywhere in the chunk (`finish` saves nothing before its
+        last SVD, so a failed chunk leaves nothing behind)."""
+        try:
+            grads = accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar,
+                                     config.gradient_checkpointing)
+            finish(names, distributed.global_mean_(grads, n_batches or 0))
+        except torch.OutOfMemoryError:
+            return False  # the exception's frames still hold the chunk's tensors until this returns
+        return True
+
     done = 0
     while pending:
         names = pending.popleft()
         bar.set_postfix_str(f"chunk {done + 1}/{done + 1 + len(pending)}")
-        try:
-            grads = accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar,
-                                     config.gradient_checkpointing)
-            grads = distributed.global_mean_(grads, n_batches or 0)
-        except torch.OutOfMemoryError:
-            halves = split_chunk(model, names)
-            if halves is None:
-                raise InitOutOfMemory("Out of memory estimating the gradient of a single decoder block: use fewer "
-                                      "or shorter gradient batches (--ga-batches, --seq-len).") from None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            tqdm.write("LoRA-GA: out of memory on a chunk; halving it and retrying", file=sys.stderr)
-            pending.extendleft(reversed(halves))
-            if bar.total is not None and n_batches:
-                bar.total += n_batches  # one more pass than planned
+        if attempt(names):
+            done += 1
             continue
-        finish(names, grads)
-        done += 1
+        release_cache(device)  # the failed chunk's tensors have no reference left
+        halves = split_chunk(model, names)
+        if halves is None:
+            raise InitOutOfMemory("Out of memory estimating or factorising the gradient of a single decoder block: "
+                                  "use fewer or shorter gradient batches (--ga-batches, --seq-len), or the "
+                                  f"randomized SVD ({option('lora_ga.svd_niter')}: 4 in a --config file).")
+        tqdm.write("LoRA-GA: out of memory on a chunk; halving it and retrying", file=sys.stderr)
+        pending.extendleft(reversed(halves))
+        if bar.total is not None and n_batches:
+            bar.total += n_batches  # one more pass than planned
     return done
 
 
@@ -319,7 +327,8 @@ def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: It
     """`{layer name: (A0, B0)}` (fp32) for every target, and a report of the work done. Under the gradient
     allocation the layers' ranks differ (`A0` has rank rows)."""
     start = time.perf_counter()
-    reset_peak()
+    device = next(iter(targets.values())).weight.device  # the model's, not whether the machine has a GPU
+    reset_peak(device)
     gradient = config.rank_allocation == "gradient"
     cache = FactorCache(config.cache_dir, fingerprint(model, targets, batches, config)) \
         if config.cache_dir and config.estimator == "exact" else None
@@ -355,12 +364,13 @@ def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: It
         if spill:
             shutil.rmtree(spill, ignore_errors=True)
     factors.update(finish.factors)
+    release_cache(device)  # the accumulators' cached blocks: training's optimizer allocates next
     factors = {n: factors[n] for n in targets}  # the targets' order, whichever chunk or cache each came from
     zero_grad_layers = finish.zero_grad
     if zero_grad_layers:
         warnings.warn(f"{len(zero_grad_layers)} layer(s) got a zero gradient (unused by the loss), so they "
                       f"start as plain LoRA (B=0): {zero_grad_layers[:5]}", stacklevel=2)
     report = InitReport(len(targets), passes, cached, zero_grad_layers, time.perf_counter() - start,
-                        peak_memory_gb(), memory_kind(), config.estimator, config.method,
+                        peak_memory_gb(device), memory_kind(device), config.estimator, config.method,
                         budget.describe(len(chunks)) if budget and not config.chunk_blocks else "", allocation)
     return factors, report

@@ -1,0 +1,206 @@
+"""The quantization-error fit (qloraga/init/error_fit.py) against independent computations: an fp64 alternating
+least-squares solve of the same weighted rank-r problem (no Cholesky, no SVD), and the weighted error measured
+on the layer's own inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import logits, make_batches, rel
+
+from qloraga.init.error_fit import damped, damped_cholesky, error_fit, weighted_error
+
+
+def problem(out: int = 24, inp: int = 32, tokens: int = 200, seed: int = 0):
+    """A random error E and the covariance of correlated inputs X (tokens x in), H = X^T X."""
+    g = torch.Generator().manual_seed(seed)
+    error = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    mix = torch.randn(inp, inp, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, inp, dtype=torch.float64)
+    x = torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ mix.T
+    return error, x.T @ x, x
+
+
+def als(error: torch.Tensor, h: torch.Tensor, r: int, iters: int = 3000, seed: int = 1) -> torch.Tensor:
+    """The rank-r minimiser of tr((E - L) H (E - L)^T) by alternating least squares in fp64, from a random
+    start: B = E H A^T (A H A^T)^-1, then A = (B^T B)^-1 B^T E (H cancels for fixed B)."""
+    a = torch.randn(r, error.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for _ in range(iters):
+        b = torch.linalg.solve(a @ h @ a.T, (error @ h @ a.T).T).T
+        a = torch.linalg.solve(b.T @ b, b.T @ error)
+    return b @ a
+
+
+@pytest.mark.parametrize("weighting", ["activation", "diagonal", "weight"])
+def test_closed_form_matches_an_fp64_least_squares_solve(weighting):
+    error, h, _ = problem()
+    metric = {"activation": h, "diagonal": torch.diag(h.diagonal()), "weight": torch.eye(h.shape[0],
+                                                                                        dtype=h.dtype)}[weighting]
+    fit = error_fit(error.float(), 4, h=h.float(), weighting=weighting, damping=0.0)
+    ours = (fit.b.double() @ fit.a.double())
+    reference = als(error, metric, 4)
+    assert weighted_error(error - ours, metric) == pytest.approx(weighted_error(error - reference, metric), rel=1e-4)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=2e-3 * reference.abs().max().item())
+
+
+def test_product_carries_the_adapter_scale():
+    """s B A is the fit whatever alpha / r is (PEFT's LoftQ is right only at alpha = r, peft#1982)."""
+    error, h, _ = problem()
+    unit = error_fit(error.float(), 4, h=h.float())
+    scaled = error_fit(error.float(), 4, h=h.float(), scaling=16 / 4)
+    torch.testing.assert_close(4.0 * scaled.b @ scaled.a, unit.b @ unit.a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["activation", "diagonal", "weight"])
+def test_predicted_recovery_is_the_measured_one(weighting):
+    error, h, _ = problem()
+    metric = {"activation": damped(h, 0.01), "diagonal": damped(torch.diag(h.diagonal()), 0.01),
+              "weight": torch.eye(h.shape[0], dtype=h.dtype)}[weighting]
+    fit = error_fit(error.float(), 6, h=h.float(), weighting=weighting, damping=0.01)
+    after = weighted_error(error - (fit.b.double() @ fit.a.double()), metric)
+    assert fit.recovered == pytest.approx(1 - after / weighted_error(error, metric), abs=1e-4)
+
+
+def test_activation_fit_beats_diagonal_and_weight_space_on_the_inputs():
+    """On the inputs themselves, ||X (E - L)^T||, the full-H fit is the best of the three, and all beat zero."""
+    error, h, x = problem()
+    seen = {w: float((x @ (error - (f.b.double() @ f.a.double())).T).square().sum())
+            for w in ("activation", "diagonal", "weight")
+            for f in [error_fit(error.float(), 4, h=h.float(), weighting=w)]}
+    assert seen["activation"] < seen["diagonal"] < float((x @ error.T).square().sum())
+    assert seen["activation"] < seen["weight"]
+
+
+def test_singular_covariance_is_damped_until_it_factorises():
+    """A layer that saw fewer tokens than features (H of low rank), or no token at all, still gets a fit."""
+    error, _, x = problem(tokens=5)
+    s = damped_cholesky(x.T.float() @ x.float(), 0.0)  # rank 5 of 32: undamped Cholesky fails, doubling saves it
+    assert torch.isfinite(s).all()
+    fit = error_fit(error.float(), 4, h=(x.T @ x).float())
+    assert torch.isfinite(fit.a).all() and torch.isfinite(fit.b).all() and 0 < fit.recovered <= 1
+    zero = error_fit(error.float(), 4, h=torch.zeros(32, 32))  # no input: damping * I, the weight-space fit
+    plain = error_fit(error.float(), 4, weighting="weight")
+    torch.testing.assert_close(zero.b @ zero.a, plain.b @ plain.a, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="needs the layer's input covariance"):
+        error_fit(torch.ones(4, 4), 2)
+    with pytest.raises(ValueError, match="r=9"):
+        error_fit(torch.ones(4, 8), 9, weighting="weight")
+
+
+# ------------------------------------------------------------------------------------ on a tiny 4-bit model
+def tiny_setup(path, quant_error: str, batches, **settings):
+    """A fresh 4-bit load of the tiny model (fp32 compute) with LoRA-One and the given quantization-error fit."""
+    from qloraga import QLoraGAConfig, get_qloraga_model, load_model
+
+    config = QLoraGAConfig(r=4, method="lora-one", quant_error=quant_error, init_memory_gb=4.0, progress=False,
+                           **settings)
+    return get_qloraga_model(load_model(path, dtype=torch.float32), config, batches)
+
+
+def inputs_seen(path, batches) -> dict[str, torch.Tensor]:
+    """Every target layer's inputs on the real tokens of `batches`, from forward hooks on a plain 4-bit load."""
+    from qloraga import load_model
+    from qloraga.targets import find_target_layers
+
+    model = load_model(path, dtype=torch.float32)
+    seen: dict[str, list] = {}
+    handles = [m.register_forward_hook(lambda m, args, out, n=n: seen.setdefault(n, []).append(args[0].detach()))
+               for n, m in find_target_layers(model).items()]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    masks = torch.cat([b["attention_mask"].reshape(-1) for b in batches]).bool()
+    return {n: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])[masks].double() for n, xs in seen.items()}
+
+
+def seen_error(model, path, xs) -> float:
+    """`sum_layers ||X (W - deq(Wq) - frozen)^T||^2`: the quantization error the inputs see after the init's frozen
+    start (W from the checkpoint file, deq from bitsandbytes)."""
+    from safetensors.torch import load_file
+
+    from qloraga.adapters import A0_BUFFER, B0_BUFFER
+    from qloraga.loading import dequantized_weight
+
+    originals = load_file(f"{path}/model.safetensors")
+    base = model.get_base_model()
+    total = 0.0
+    for name, x in xs.items():
+        layer = base.get_submodule(name)
+        error = originals[f"{name}.weight"].double() - dequantized_weight(layer.base_layer).double()
+        if hasattr(layer, A0_BUFFER):  # LoRA-One's trainable start is not part of the error's fit
+            error += layer.scaling["default"] * getattr(layer, B0_BUFFER).double() @ getattr(layer, A0_BUFFER).double()
+        total += float((x @ error.T).square().sum())
+    return total
+
+
+def test_activation_fit_lowers_the_error_the_inputs_see_below_weight_space_and_zero(tiny_model_dir):
+    path, batches = tiny_model_dir("llama"), make_batches(n_batches=4, batch_size=4, seq_len=24)
+    xs = inputs_seen(path, batches)
+    seen = {q: seen_error(tiny_setup(path, q, batches), path, xs) for q in ("off", "activation", "diagonal", "weight")}
+    assert seen["activation"] < seen["weight"] < seen["off"]
+    assert seen["activation"] < seen["diagonal"] < seen["off"]
+
+
+def test_gradient_step_is_carried_on_top_unchanged(tiny_model_dir, tmp_path):
+    """The trainable start is LoRA-One's, bit for bit (H rides the same pass, the gradient does not change);
+    step 0 is the base plus the frozen fit plus that step, as PEFT computes the exported rank-2r adapter."""
+    from peft import PeftModel
+
+    from qloraga import export_adapter, load_model
+    from qloraga.adapters import corrected_layers
+
+    path, batches = tiny_model_dir("llama"), make_batches()
+    plain, fitted = tiny_setup(path, "off", batches), tiny_setup(path, "activation", batches)
+    layers = corrected_layers(fitted)
+    assert len(layers) == 14
+    for name, module in plain.named_modules():
+        if name in layers:
+            assert torch.equal(layers[name].lora_A["default"].weight, module.lora_A["default"].weight)
+            assert torch.equal(layers[name].lora_B["default"].weight, module.lora_B["default"].weight)
+    assert "quantization error: activation-weighted (X^T X) rank-4 fit" in fitted.qloraga_report.summary()
+    ours = logits(fitted, batches)
+    assert rel(ours, logits(plain, batches)) > 1e-4  # the fit moved the output
+    out = export_adapter(fitted, tmp_path / "adapter")
+    upstream = PeftModel.from_pretrained(load_model(path, dtype=torch.float32), out)
+    assert rel(logits(upstream, batches), ours) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ the command line
+def test_cli_run_says_what_the_fit_did(tiny_model_dir, tmp_path, capsys):
+    from conftest import run_cli, write_dataset
+
+    data = write_dataset(tmp_path / "train.jsonl", "alpaca")
+    assert run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--init", "lora-one", "--4bit",
+                   "--quant-error", "activation", "--max-steps", "1") == 0
+    out = capsys.readouterr().out
+    assert "quantization error: activation-weighted (X^T X) rank-4 fit, frozen, predicted to remove" in out
+    assert "originals: the weights before quantization" in out
+    assert "quant_error: activation" in (tmp_path / "out" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(("extra", "needles"), [
+    (("--init", "lora-one"), ("--quant-error / lora_ga.quant_error", "not 4-bit", "--4bit")),
+    (("--init", "lora-one", "--4bit", "--estimator", "sketch"), ("--quant-error / lora_ga.quant_error",
+                                                                 "exact")),
+    (("--init", "lora", "--4bit"), ("--quant-error / lora_ga.quant_error", "--init lora-one")),
+], ids=["bf16-base", "sketch", "plain-lora"])
+def test_cli_refuses_what_has_no_error_to_fit(tiny_model_dir, tmp_path, capsys, extra, needles):
+    from conftest import fails_with, run_cli, write_dataset
+
+    data = write_dataset(tmp_path / "train.jsonl", "alpaca")
+    code = run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--quant-error", "activation", *extra)
+    fails_with(capsys, code, *needles)
+
+
+def test_prequantized_checkpoint_is_refused_by_name(prequantized_model_dir, batches):
+    from qloraga import QLoraGAConfig, get_qloraga_model, load_model
+    from qloraga.errors import ModelSourceError
+
+    path = prequantized_model_dir("llama")
+    config = QLoraGAConfig(r=4, method="lora-one", quant_error="activation", progress=False)
+    with pytest.raises(ModelSourceError, match=r"pre-quantized bnb-4bit checkpoint.*lora_ga.quant_error"):
+        get_qloraga_model(load_model(path, dtype=torch.float32), config, batches)

@@ -21,7 +21,7 @@ from qloraga.evaluation import SHORT_ANSWER_FORMATS, SHORT_ANSWER_TOKENS, exact_
 from qloraga.export import export_adapter, export_merged
 from qloraga.formats import prepare_tokenizer, resolve_format
 from qloraga.io import save_json, save_text
-from qloraga.loading import load_base
+from qloraga.loading import load_base, model_device
 from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.model_source import model_source
 from qloraga.preflight import check_run
@@ -178,8 +178,9 @@ def finetune(cfg: RunConfig, notes: list[str] = ()) -> Path:
     if cfg.merge:
         export_merged(model, out / "merged", tokenizer=tokenizer)
     plotted = plot_loss(out / "metrics.jsonl", out / "loss.png")
+    device = model_device(model)  # measured where the weights are
     save_json({"before": before, "after": after, "seconds": time.perf_counter() - start,
-               "peak_memory_gb": peak_memory_gb(), "memory_kind": memory_kind(),
+               "peak_memory_gb": peak_memory_gb(device), "memory_kind": memory_kind(device),
                "steps": trainer.state.global_step}, out / "results.json")
     say(f"done in {time.perf_counter() - start:.0f} s. Outputs in {out}/: adapter/ (PEFT LoRA adapter), "
         f"checkpoints/ (for --resume), metrics.jsonl, {'loss.png, ' if plotted else ''}config.yaml, "

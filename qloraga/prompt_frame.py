@@ -55,6 +55,17 @@ def detect_frame(prompts: Sequence[str]) -> Frame | None:
     return Frame(prefix, suffix) if prefix or suffix else None
 
 
+def rendering(fmt: str, frame: Frame | None, off: str = "--no-frame") -> str:
+    """How a message is rendered for a model trained on `fmt` data, in words (the first line of chat and of the
+    Modelfile): the format's way (`formats.RENDERINGS`), or inside `frame`, which flag `off` turns off."""
+    from qloraga.formats import RENDERINGS
+
+    if frame is None:
+        return RENDERINGS[fmt]
+    return (f"{fmt}: the message inside the training prompts' frame, {frame.describe()}, no chat template "
+            f"({off}: as written)")
+
+
 def frame_from_dict(data: dict) -> Frame | None:
     frame = Frame(str(data.get("prefix", "")), str(data.get("suffix", "")))
     return frame if frame.prefix or frame.suffix else None

@@ -10,6 +10,7 @@ export does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,10 +24,12 @@ from safetensors.torch import load_file
 from qloraga.config import RunConfig
 from qloraga.errors import ModelSourceError, RunError
 from qloraga.io import save_json, save_tensors
+from qloraga.prompt_frame import FRAME_FILE, Frame, detect_frame, frame_from_dict
 
 # What `finetune` writes in a run folder (and merged/ with --merge). `qloraga export` writes merged/ and gguf/
 # there too, which a new run in the same folder would delete.
-RUN_OUTPUTS = ("adapter", "checkpoints", "lora_ga_cache", "metrics.jsonl", "loss.png", "config.yaml", "results.json")
+RUN_OUTPUTS = ("adapter", "checkpoints", "lora_ga_cache", "metrics.jsonl", "loss.png", "config.yaml", "results.json",
+               FRAME_FILE)
 
 
 @dataclass
@@ -76,6 +79,26 @@ class Run:
             except DataError:
                 continue
         return default
+
+    def prompt_frame(self) -> Frame | None:
+        """The frame every training prompt of a prompt-completion run shares (`prompt_frame.py`), which chat, the
+        web page and the Modelfile put a message in. Read from the run folder's record; a run without one gets
+        it from its local training file, recorded then (a hub dataset is not downloaded for it: no frame)."""
+        from qloraga.config import DEMO_TRAIN
+        from qloraga.data import is_local, read_records
+
+        if self.dataset_format() != "prompt-completion":
+            return None
+        record = self.path / FRAME_FILE
+        if record.exists():
+            return frame_from_dict(json.loads(record.read_text()))
+        source = str(DEMO_TRAIN) if self.config.dataset == "demo" else self.config.dataset
+        if not is_local(source) or not Path(source).expanduser().exists():
+            return None
+        frame = detect_frame([str(r.get("prompt", "")) for r in read_records(source)])
+        with contextlib.suppress(OSError):  # a read-only run folder: detected again next time
+            save_json(frame.to_dict() if frame else {"prefix": "", "suffix": ""}, record)
+        return frame
 
 
 def open_run(path: str | os.PathLike) -> Run:

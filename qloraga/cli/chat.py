@@ -2,8 +2,9 @@
 
 Loads the base as the run did (4-bit or not, its dtype) with the run's adapter (or `--checkpoint N`, with
 the LoRA-GA correction folded in), renders each message as the run's training rendered its prompts (the chat
-template for chat data; for prompt-completion, alpaca and text data that format's prompt, the message alone),
-streams the answer token by token and keeps the conversation. `--prompt` answers once and exits; `--base-only`
+template for chat data; for prompt-completion, alpaca and text data that format's prompt, the message alone,
+inside the frame the training prompts share if they share one: `--no-frame` turns that off), streams the answer
+token by token and keeps the conversation. `--prompt` answers once and exits; `--base-only`
 talks to the untuned base. Type /reset to start a new conversation, /exit (or Ctrl-D) to leave.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from qloraga.prompt_frame import Frame, rendering
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, help="random seed of the sampling")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the run's)")
+    p.add_argument("--no-frame", action="store_true",
+                   help="send the message as written, not inside the frame the training prompts share")
     return p
 
 
@@ -32,8 +37,9 @@ class Chat:
     """A conversation with a model: the messages so far, one streamed answer per `reply`, each prompt rendered
     as data of format `fmt` was in training (`formats.generation_prompt`)."""
 
-    def __init__(self, model, tokenizer, args: argparse.Namespace, stream=None, fmt: str = "messages"):
-        self.model, self.tokenizer, self.args, self.fmt = model, tokenizer, args, fmt
+    def __init__(self, model, tokenizer, args: argparse.Namespace, stream=None, fmt: str = "messages",
+                 frame: Frame | None = None):
+        self.model, self.tokenizer, self.args, self.fmt, self.frame = model, tokenizer, args, fmt, frame
         self.stream = stream if stream is not None else sys.stdout
         self.messages: list[dict[str, str]] = []
         self.reset()
@@ -52,7 +58,7 @@ class Chat:
 
         from qloraga.formats import encode_prompt, generation_prompt
 
-        self.messages.append({"role": "user", "content": text})
+        self.messages.append({"role": "user", "content": self.frame.wrap(text) if self.frame else text})
         ids = torch.tensor([encode_prompt(self.tokenizer, generation_prompt(self.messages, self.fmt, self.tokenizer),
                                           self.fmt)])
         device = next(self.model.parameters()).device
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qloraga.cli import run_command
     from qloraga.errors import ConfigError
-    from qloraga.formats import CHAT_FORMATS, RENDERINGS
+    from qloraga.formats import CHAT_FORMATS
     from qloraga.runs import load_run_model, open_run
 
     def job() -> None:
@@ -105,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                                           dtype=args.dtype)
         if args.seed is not None:
             set_seed(args.seed)
+        frame = None if args.no_frame else run.prompt_frame()
         what = "the base alone" if args.base_only else (
             f"checkpoint {args.checkpoint}" if args.checkpoint is not None else "the fine-tuned adapter")
-        print(f"[qloraga] {run.config.model} with {what}; prompts rendered as in training: {RENDERINGS[fmt]}",
-              file=sys.stderr)
-        chat = Chat(model, tokenizer, args, fmt=fmt)
+        print(f"[qloraga] {run.config.model} with {what}; prompts rendered as in training: "
+              f"{rendering(fmt, frame)}", file=sys.stderr)
+        chat = Chat(model, tokenizer, args, fmt=fmt, frame=frame)
         if args.prompt is not None:
             chat.reply(args.prompt)
         else:

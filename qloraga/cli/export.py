@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf-base", action="store_true",
                    help="with --format gguf: also write base-f16.gguf, the dequantized base adapter.gguf applies to")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: the run's)")
+    p.add_argument("--no-frame", action="store_true",
+                   help="with --format gguf: the Modelfile sends a message as written, not inside the frame the "
+                        "training prompts share")
     args = p.parse_args(argv)
     from qloraga.cli import run_command
     from qloraga.export import export_merged
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_run_model(run, checkpoint=args.checkpoint, dtype=args.dtype)
         if args.format == "gguf":
             out = args.output or run.path / "gguf"
-            written = export_gguf(model, tokenizer, out, base=args.gguf_base, fmt=run.dataset_format())
+            written = export_gguf(model, tokenizer, out, base=args.gguf_base, fmt=run.dataset_format(),
+                                  frame=None if args.no_frame else run.prompt_frame())
             print(f"GGUF files written to {out}: {', '.join(p.name for p in written)}."
                   + (f" Ollama: cd {out} && ollama create NAME -f Modelfile" if len(written) > 1 else ""))
             return

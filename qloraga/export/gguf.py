@@ -30,6 +30,7 @@ from qloraga.adapters import ADAPTER, PEFT_PREFIX, corrected_layers
 from qloraga.errors import GGUFExportError
 from qloraga.export.merged import merged_state
 from qloraga.io import atomic_file
+from qloraga.prompt_frame import Frame, rendering
 
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp architecture
 PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")  # rows permuted for the `llama` architecture
@@ -352,27 +353,32 @@ def ollama_template(chat_template: str | None, eos: str) -> tuple[str | None, li
     return None, [eos] if eos else []
 
 
-def training_template(fmt: str, tokenizer) -> str:
+def training_template(fmt: str, tokenizer, frame: Frame | None = None) -> str:
     """Ollama's template for a run trained on prompt-completion, alpaca or text data: the message (`.Prompt`)
-    in that format's prompt, as training rendered it (`formats.generation_prompt`); llama.cpp adds the BOS."""
+    in that format's prompt, as training rendered it (`formats.generation_prompt`), inside the training prompts'
+    `frame`; llama.cpp adds the BOS."""
     from qloraga.formats import generation_prompt
 
-    return generation_prompt([{"role": "user", "content": "{{ .Prompt }}"}], fmt, tokenizer)
+    message = frame.wrap("{{ .Prompt }}") if frame else "{{ .Prompt }}"
+    return generation_prompt([{"role": "user", "content": message}], fmt, tokenizer)
 
 
 def write_modelfile(tokenizer, path: str | os.PathLike, model_file: str = "./model-q8_0.gguf",
-                    fmt: str = "messages") -> Path:
-    """An Ollama Modelfile whose prompts are rendered as the run's training (on `fmt` data) rendered them."""
-    from qloraga.formats import CHAT_FORMATS, RENDERINGS
+                    fmt: str = "messages", frame: Frame | None = None) -> Path:
+    """An Ollama Modelfile whose prompts are rendered as the run's training (on `fmt` data) rendered them, a
+    message inside the training prompts' `frame`, which its first line states."""
+    from qloraga.formats import CHAT_FORMATS
 
     eos = tokenizer.eos_token or ""
     if fmt in CHAT_FORMATS:
         template, stops = ollama_template(getattr(tokenizer, "chat_template", None), eos)
     else:
-        template, stops = training_template(fmt, tokenizer), [eos]
-    lines = [f"FROM {model_file}",
+        template, stops = training_template(fmt, tokenizer, frame), [eos]
+    frame = None if fmt in CHAT_FORMATS else frame
+    said = f"# Prompts are rendered as the run trained: {rendering(fmt, frame, 'qloraga export --no-frame')}."
+    lines = [*([said] if frame else []), f"FROM {model_file}",  # a frame: the first thing a reader sees
              "# or the adapter on a base GGUF of the same model: FROM /path/to/base.gguf + ADAPTER ./adapter.gguf",
-             f"# Prompts are rendered as the run trained: {RENDERINGS[fmt]}.", ""]
+             *([] if frame else [said]), ""]
     if template is None:
         lines += ["# The chat template could not be expressed as an Ollama template: Ollama uses the one in the",
                   "# GGUF metadata (tokenizer.chat_template) where it recognises it. Add a TEMPLATE here if not.", ""]
@@ -391,10 +397,10 @@ def sentencepiece_like(spec: dict) -> bool:
 
 
 def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: bool = False,
-                fmt: str = "messages") -> list[Path]:
+                fmt: str = "messages", frame: Frame | None = None) -> list[Path]:
     """Write `adapter.gguf`, `model-f16.gguf`, `model-q8_0.gguf` and `Modelfile` into `out_dir`; with `base`
     also `base-f16.gguf`, the dequantized base the adapter was trained on (for llama.cpp's --lora). The
-    Modelfile renders prompts as training on `fmt` data did.
+    Modelfile renders prompts as training on `fmt` data did, inside the training prompts' `frame`.
 
     A SentencePiece-style tokenizer (BPE with byte fallback) gets `adapter.gguf` alone, for a base GGUF made by
     llama.cpp's convert_hf_to_gguf.py (a warning says so). Returns the files written."""
@@ -416,7 +422,7 @@ def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: b
     written.append(write_model_gguf(model, tokenizer, out_dir / "model-q8_0.gguf", "q8_0"))
     if base:
         written.append(write_model_gguf(model, tokenizer, out_dir / "base-f16.gguf", "f16", merged=False))
-    written.append(write_modelfile(tokenizer, out_dir / "Modelfile", fmt=fmt))
+    written.append(write_modelfile(tokenizer, out_dir / "Modelfile", fmt=fmt, frame=frame))
     return written
 
 

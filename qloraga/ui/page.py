@@ -144,19 +144,34 @@ class Models:
     """The run model the chat talks to: one at a time, loaded as `qloraga chat` loads it."""
 
     def __init__(self, runs: RunsFolder):
-        self.runs, self.name, self.model, self.tokenizer, self.fmt = runs, None, None, None, "messages"
+        self.runs, self.name, self.model, self.tokenizer = runs, None, None, None
+        self.fmt, self.frame = "messages", None
         self.lock = threading.Lock()
 
     def get(self, name: str):
-        """(model, tokenizer, the format its prompts are rendered in, as in training) of run `name`."""
+        """(model, tokenizer, the format its prompts are rendered in, the training prompts' frame) of run `name`."""
         from qloraga.runs import load_run_model, open_run
 
         if name != self.name:
             self.model = self.tokenizer = None
             run = open_run(self.runs.folder(name))
             self.model, self.tokenizer = load_run_model(run)
-            self.fmt, self.name = run.dataset_format(), name
-        return self.model, self.tokenizer, self.fmt
+            self.fmt, self.frame, self.name = run.dataset_format(), run.prompt_frame(), name
+        return self.model, self.tokenizer, self.fmt, self.frame
+
+
+def frame_line(runs: RunsFolder, name: str | None, framed: bool) -> str:
+    """The Use it tab's line on how a prompt is sent: inside the training prompts' frame, or as written."""
+    from qloraga.runs import open_run
+
+    try:
+        frame = open_run(runs.folder(name)).prompt_frame() if name else None
+    except (QLoraGAError, OSError):
+        return ""
+    if frame is None:
+        return ""
+    return (f"Prompts go inside the training prompts' frame: `{frame.describe()}`" if framed
+            else f"Prompts go as written (the training prompts' frame, `{frame.describe()}`, is off)")
 
 
 def chat_args(max_new_tokens: int, temperature: float):
@@ -254,7 +269,11 @@ def build(runs: RunsFolder) -> gr.Blocks:
                     prompt = gr.Textbox(label="Prompt", elem_id="prompt", scale=4)
                     max_tokens = gr.Number(64, precision=0, label="Max new tokens", elem_id="max-tokens", scale=1)
                     temperature = gr.Number(0.0, label="Temperature (0: greedy)", elem_id="temperature", scale=1)
-                send = gr.Button("Send", variant="primary", elem_id="send")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send", scale=4)
+                    in_frame = gr.Checkbox(True, label="Inside the training prompts' frame", elem_id="use-frame",
+                                           info="untick: the message as written (chat and the Modelfile)", scale=2)
+                frame_note = gr.Markdown(elem_id="chat-frame")
                 with gr.Row():
                     tuned_chat = gr.Chatbot(label="Tuned (base + adapter)", elem_id="chat-tuned", height=260)
                     base_chat = gr.Chatbot(label="Base (the same 4-bit base, adapter off)", elem_id="chat-base",
@@ -412,7 +431,7 @@ def build(runs: RunsFolder) -> gr.Blocks:
 
         # ---- Use it: chat ----
         def chat(run_name: str | None, text: str, tuned: list, base: list, max_new: float,
-                 temp: float) -> Iterator:
+                 temp: float, framed: bool) -> Iterator:
             if not run_name or not text.strip():
                 yield tuned, base, "Pick a finished run and type a prompt."
                 return
@@ -420,7 +439,7 @@ def build(runs: RunsFolder) -> gr.Blocks:
 
             with models.lock:
                 try:
-                    model_, tokenizer, fmt = models.get(runs.folder(run_name).name)
+                    model_, tokenizer, fmt, frame = models.get(runs.folder(run_name).name)
                 except (QLoraGAError, OSError) as exc:
                     yield tuned, base, f"**Error**: {exc}"
                     return
@@ -428,7 +447,8 @@ def build(runs: RunsFolder) -> gr.Blocks:
                 shown = [list(tuned or []), list(base or [])]
                 for side, adapter_on in ((0, True), (1, False)):
                     stream = QueueStream()
-                    conversation = Chat(model_, tokenizer, chat_args(max_new, temp), stream=stream, fmt=fmt)
+                    conversation = Chat(model_, tokenizer, chat_args(max_new, temp), stream=stream, fmt=fmt,
+                                        frame=frame if framed else None)
                     conversation.messages = histories[side]
 
                     def answer(c=conversation, s=stream, on=adapter_on):
@@ -453,18 +473,21 @@ def build(runs: RunsFolder) -> gr.Blocks:
                     if not reply.strip():
                         shown[side][-1] = {"role": "assistant", "content": EMPTY_ANSWER}
             yield shown[0], shown[1], ""
-        send.click(chat, [use_run, prompt, tuned_chat, base_chat, max_tokens, temperature],
+        send.click(chat, [use_run, prompt, tuned_chat, base_chat, max_tokens, temperature, in_frame],
                    [tuned_chat, base_chat, chat_error])
         use_run.change(lambda _: ([], [], ""), use_run, [tuned_chat, base_chat, chat_error])
+        use_run.change(lambda name, framed: frame_line(runs, name, framed), [use_run, in_frame], frame_note)
+        in_frame.change(lambda name, framed: frame_line(runs, name, framed), [use_run, in_frame], frame_note)
 
         # ---- Use it: export ----
-        def export(run_name: str | None, fmt: str) -> Iterator:
+        def export(run_name: str | None, fmt: str, framed: bool) -> Iterator:
             if not run_name:
                 yield "Pick a finished run.", None
                 return
             folder = runs.folder(run_name)
             out = folder / fmt
-            command = [sys.executable, "-m", "qloraga", "export", "--run", str(folder), "--format", fmt]
+            command = [sys.executable, "-m", "qloraga", "export", "--run", str(folder), "--format", fmt,
+                       *([] if framed else ["--no-frame"])]
             started = time.time()
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        stdin=subprocess.DEVNULL)
@@ -479,7 +502,7 @@ def build(runs: RunsFolder) -> gr.Blocks:
             status = "done" if process.returncode == 0 else f"failed (exit status {process.returncode})"
             yield (f"$ qloraga export --run {folder} --format {fmt}\n{''.join(lines).strip()}\n{status} in "
                    f"{time.time() - started:.0f} s", files(out))
-        export_button.click(export, [use_run, export_format], [export_log, export_files])
+        export_button.click(export, [use_run, export_format, in_frame], [export_log, export_files])
 
     return page
 

@@ -163,5 +163,5 @@ def dry_run(cfg: RunConfig, notes: list[str] = ()) -> None:
     estimate = estimate_memory(skeleton, cfg)
     params = sum(p.numel() for p in unique_parameters(skeleton).values())
     print(f"memory estimate for {params / 1e6:.1f}M parameters, from config.json (the activations' share is an "
-          "upper bound, see the README):")
+          "upper bound, see docs/memory.md):")
     print("\n".join(estimate.lines(cfg)))

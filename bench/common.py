@@ -1,5 +1,6 @@
-"""What every benchmark shares: model shapes, random checkpoints and batches, the methods compared, peak
-memory readings, the fresh-subprocess harness, and result tables/JSON.
+"""What every benchmark shares: model shapes, random checkpoints and batches, the methods compared, training
+through the library's own Trainer (`library_trainer`, what `qloraga finetune` runs), peak memory readings, the
+fresh-subprocess harness, and result tables/JSON.
 
 Why a fresh subprocess per configuration: a process's peak RSS (VmHWM) only grows, and `ru_maxrss` of a
 child inherits the parent's peak across fork/exec (docs/ALGORITHM.md section 6). Each child reads its
@@ -19,16 +20,20 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import ProgressCallback, TrainerCallback
 
 from qloraga import memory
 
@@ -223,19 +228,18 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(params: Iterable[nn.Parameter], lr: float, paged_8bit: bool = False) -> torch.optim.Optimizer:
-    """AdamW (no weight decay); bitsandbytes' paged 8-bit AdamW where asked and a GPU is there."""
-    params = list(params)
-    if paged_8bit and torch.cuda.is_available():
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def make_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW (no weight decay): the method comparisons' optimizer (`train_step`)."""
+    return torch.optim.AdamW(list(params), lr=lr, weight_decay=0.0)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                autocast: bool = False) -> float:
-    """One step: forward, backward, clip to norm 1, optimizer step. Returns the loss."""
+    """One step: forward, backward, clip to norm 1, optimizer step. Returns the loss.
+
+    Only for the method comparisons (convergence.py and the scripts built on it), whose rows include methods
+    the library's Trainer does not build (PEFT's LoRA-GA, LoftQ, EVA, full fine-tuning) and must all take the
+    same steps on the same batches; a benchmark of qloraga's own training trains with `library_trainer`."""
     model.train()
     device = device_of(model)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -245,6 +249,82 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
+
+
+# --------------------------------------------------------------------------------- the library's Trainer
+
+
+def examples(batches: list[dict]) -> list:
+    """The rows of `batches` as the library's `Example`s, which its Trainer collates back (`qloraga.batches`)."""
+    from qloraga.batches import Example
+
+    return [Example(ids.tolist(), labels.tolist())
+            for b in batches for ids, labels in zip(b["input_ids"], b["labels"], strict=True)]
+
+
+class StepTimer(TrainerCallback):
+    """Each optimizer step's seconds inside `Trainer.train` (forward, backward, clipping, optimizer step and the
+    library's step callbacks; a GPU is synchronized at both ends), and each logged training loss."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.losses: list[float] = []
+        self.start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self.start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def library_trainer(model: nn.Module, batches: list[dict], *, lr: float = 1e-4, **settings):
+    """The Trainer `qloraga finetune` trains with (`qloraga.training.build_trainer`: its optimizer, schedule,
+    clipping at norm 1 and callbacks) on `batches`' rows, one batch's worth per optimizer step, without gradient
+    checkpointing unless `settings` (other `RunConfig` settings, e.g. `optim`) ask for it. It logs every step
+    (to its metrics.jsonl, not the console), evaluates nothing and writes its checkpoint at the end of each
+    `train_steps` into a folder of its own under bench/results/tmp, removed with it; `trainer.step_timer` records
+    the steps."""
+    from qloraga.batches import Collator
+    from qloraga.config import RunConfig
+    from qloraga.training import build_trainer
+
+    settings = {"gradient_checkpointing": False, **settings}
+    cfg = RunConfig(init="lora", lr=lr, batch_size=len(batches[0]["input_ids"]), grad_accum=1, max_steps=1,
+                    logging_steps=1, save_steps=10**9, eval_steps=0, report_to="none", **settings)
+    (TMP / "trainers").mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(dir=TMP / "trainers"))
+    trainer = build_trainer(model, examples(batches), Collator(pad_token_id=0), cfg, out)
+    weakref.finalize(trainer, shutil.rmtree, out, True)
+    trainer.remove_callback(ProgressCallback)  # no progress bar nor log line per call and step in the bench output
+    trainer.step_timer = StepTimer()
+    trainer.add_callback(trainer.step_timer)
+    return trainer
+
+
+def train_steps(trainer, steps: int, batches: list[dict] | None = None) -> list[float]:
+    """`steps` optimizer steps of a `library_trainer` through `Trainer.train` (on `batches`' rows from now on,
+    where given: as many rows per step as before); each step's seconds. Every call restarts the learning-rate
+    schedule over its steps and keeps the optimizer's state."""
+    from qloraga.training import dataset
+
+    if batches is not None:
+        if len(batches[0]["input_ids"]) != trainer.args.per_device_train_batch_size:
+            raise ValueError(f"train_steps: batches of {len(batches[0]['input_ids'])} rows for a trainer built on "
+                             f"{trainer.args.per_device_train_batch_size}: build another library_trainer.")
+        trainer.train_dataset = dataset(examples(batches))
+    trainer.args.max_steps = steps
+    done = len(trainer.step_timer.seconds)
+    trainer.train()
+    return trainer.step_timer.seconds[done:]
 
 
 # ----------------------------------------------------------------------------------------------- memory

@@ -3,7 +3,8 @@
 The earlier forward multiplied x by A and by A0 separately and concatenated the two outputs; the current
 one multiplies x once by the stacked `[A; A0]` (when there is no dropout). One process builds plain PEFT
 QLoRA and qloraga models (bf16 and fp32 adapters; the qloraga model is timed with either forward) and
-times them in rotated rounds; the ratios plain / qloraga are medians of per-round ratios.
+times them in rotated rounds, each model training through the library's own Trainer (`common.library_trainer`);
+the ratios plain / qloraga are medians of per-round ratios.
 Meant for a GPU: `python bench/forward_ab.py --seq-len 4096`.
 """
 
@@ -44,18 +45,17 @@ def main() -> None:
     models = {}
     for dtype in ["bfloat16", "float32"]:
         plain = common.plain_lora_model(common.load(path, True), r=8, adapter_dtype=dtype)
-        models[f"plain {dtype}"] = (plain, common.make_optimizer(common.trainable(plain), 1e-5), None)
+        models[f"plain {dtype}"] = (common.library_trainer(plain, batches, lr=1e-5), None)
         ours = common.qloraga_model(common.load(path, True), batches, r=8, adapter_dtype=dtype, svd_niter=4)
-        optimizer = common.make_optimizer(common.trainable(ours), 1e-5)
-        models[f"ours-old {dtype}"] = (ours, optimizer, earlier_forward)
-        models[f"ours-new {dtype}"] = (ours, optimizer, current)
+        trainer = common.library_trainer(ours, batches, lr=1e-5)  # one model, timed with either forward
+        models[f"ours-old {dtype}"] = (trainer, earlier_forward)
+        models[f"ours-new {dtype}"] = (trainer, current)
 
     def steps(name: str, n: int) -> float:
-        model, optimizer, forward = models[name]
+        trainer, forward = models[name]
         if forward is not None:
             ResidualCorrection.forward = staticmethod(forward)
-        return common.timed(lambda: [common.train_step(model, optimizer, batches[k % len(batches)])
-                                     for k in range(n)]) / n
+        return sum(common.train_steps(trainer, n)) / n
 
     names, rounds = list(models), []
     try:

@@ -1,10 +1,12 @@
 """Benchmark 2: time of the LoRA-GA initialisation, against PEFT's and against plain training steps.
 
 On the same gradient batches: (a) qloraga on the 4-bit model with 1, 2, 4, ... chunks; (b) PEFT 0.21
-`lora_ga` on the bf16 model; (s) as many plain QLoRA training steps as there are gradient batches. Each
-chunk is one pass over the batches (a full forward, and a backward that stops at the chunk's first
-block), so the chunk count drives the time. Every round runs all configurations side by side in one fresh
-process, in a rotated order; ratios are taken within a round, and the tables quote medians over rounds.
+`lora_ga` on the bf16 model; (s) as many plain QLoRA training steps as there are gradient batches, through the
+library's own Trainer (`common.library_trainer`, what `qloraga finetune` runs: the seconds of its steps, the
+first with its lazy set-up). Each chunk is one pass over the batches (a full forward, and a backward that stops
+at the chunk's first block), so the chunk count drives the time. Every round runs all configurations side by
+side in one fresh process, in a rotated order; ratios are taken within a round, and the tables quote medians
+over rounds.
 """
 
 from __future__ import annotations
@@ -44,10 +46,8 @@ def child(spec: dict) -> dict:
         if run["kind"] == "peft_loraga":
             seconds[name] = common.timed(lambda m=model: common.peft_loraga_model(m, batches, r=r))
         elif run["kind"] == "steps":
-            peft_model = common.plain_lora_model(model, r=r)
-            optimizer = common.make_optimizer(common.trainable(peft_model), 1e-4)
-            seconds[name] = common.timed(lambda m=peft_model, o=optimizer: [common.train_step(m, o, b)
-                                                                            for b in batches])
+            trainer = common.library_trainer(common.plain_lora_model(model, r=r), batches)
+            seconds[name] = sum(common.train_steps(trainer, len(batches)))
         else:
             blocks, niter, estimator = spec["layers"] // run["chunks"], run["svd_niter"], run.get("estimator", "exact")
             seconds[name] = common.timed(lambda m=model, k=blocks, n=niter, e=estimator: common.qloraga_model(

@@ -2,7 +2,8 @@
 
 Builds a Llama-2-7B-shaped model (the real config, random weights), runs the LoRA-GA initialisation (64
 samples x 1024 tokens, r=16, every linear layer of the blocks) and 20 training steps (batch 1, 1024 tokens,
-gradient checkpointing, paged 8-bit AdamW), and reports the peak memory of each phase and the init time.
+gradient checkpointing, paged 8-bit AdamW on a GPU) through the library's own Trainer (`common.library_trainer`,
+what `qloraga finetune` runs), and reports the peak memory of each phase and the init time.
 
 How the model is built without a 14 GB bf16 copy: random bf16 shards are written to disk one decoder block
 at a time (peak: one block, ~0.4 GB), then loaded through `qloraga.load_model`, which quantizes tensor by
@@ -92,22 +93,14 @@ def load_phase(path) -> tuple[torch.nn.Module, dict]:
 
 
 def train_phase(model: torch.nn.Module, batches: list[dict], checkpointing: bool = True, lr: float = 2e-5) -> dict:
-    """Training steps as a 7B QLoRA run takes them (gradient checkpointing, paged 8-bit AdamW), one per batch:
-    memory and time, seconds per step (the first, with its lazy set-up, and the median of the others), losses."""
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = common.make_optimizer(common.trainable(model), lr, paged_8bit=True)
-    step_seconds: list[float] = []
-
-    def train() -> list[float]:
-        losses = []
-        for b in batches:
-            step_seconds.append(common.timed(lambda b=b: losses.append(common.train_step(model, optimizer, b))))
-        return losses
-
-    losses, stats = common.measure(train)
-    return {**stats, "seconds per step": stats["seconds"] / len(batches), "first step s": step_seconds[0],
-            "later steps median s": common.median(step_seconds[1:]), "losses": losses}
+    """Training steps as a 7B QLoRA run takes them, one per batch, through the library's Trainer with its
+    defaults (gradient checkpointing; `optim` auto: paged 8-bit AdamW on a GPU, AdamW on a CPU): memory and time
+    of the phase (the Trainer's set-up and its checkpoint at the end included), seconds per step (the first, with
+    its lazy set-up, and the median of the others), losses."""
+    trainer = common.library_trainer(model, batches, lr=lr, gradient_checkpointing=checkpointing)
+    step_seconds, stats = common.measure(lambda: common.train_steps(trainer, len(batches)))
+    return {**stats, "seconds per step": sum(step_seconds) / len(batches), "first step s": step_seconds[0],
+            "later steps median s": common.median(step_seconds[1:]), "losses": trainer.step_timer.losses}
 
 
 def total(components: dict[str, float]) -> float:

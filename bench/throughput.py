@@ -4,6 +4,9 @@ Same 4-bit model, rank, target layers, batch and optimizer. Each qloraga model i
 QLoRA model whose adapters have the same dtype: fp32 (PEFT's default `autocast_adapter_dtype`) and bf16
 (qloraga's default `adapter_dtype`). All four models live in one process and take turns, a few steps
 each, in a rotated order; the ratio qloraga / plain tokens/s is taken per round. Goal: ratio >= 0.95.
+Every model trains through the library's own Trainer (`common.library_trainer`: what `qloraga finetune` runs,
+its optimizer, clipping and callbacks); a step's seconds are those `Trainer.train` spends between the step's
+start and end (the batch fetch before it and the checkpoint after the last one are outside).
 """
 
 from __future__ import annotations
@@ -26,34 +29,33 @@ PAIRS = [("qloraga, fp32 adapters", "plain QLoRA, fp32 adapters"),
 
 
 def build(name: str, path: str, batches: list[dict], r: int, dtype: torch.dtype, svd_niter: int | None):
+    """The model of configuration `name` (qloraga's init on `batches`), and the library's Trainer on it."""
     method, adapter_dtype = CONFIGS[name]
     model = common.load(path, four_bit=True, dtype=dtype)
     if method == "plain":
         model = common.plain_lora_model(model, r=r, adapter_dtype=adapter_dtype)
     else:
         model = common.qloraga_model(model, batches, r=r, adapter_dtype=adapter_dtype, svd_niter=svd_niter)
-    return model, common.make_optimizer(common.trainable(model), 1e-5)
+    return model, common.library_trainer(model, batches, lr=1e-5)
 
 
 def time_rounds(models: dict[str, tuple], batches: list[dict], repeats: int, steps: int,
                 contexts: dict[str, Callable[[], AbstractContextManager]] | None = None) -> list[dict[str, float]]:
-    """Seconds per step of each (model, optimizer), `steps` steps each round, in an order rotated every round,
-    after one warm-up step each (lazy set-up, optimizer state); `contexts[name]()` is entered around the
-    steps of `name` where given."""
+    """Seconds per step of each (model, trainer) on `batches`, `steps` steps each round through the library's
+    Trainer, in an order rotated every round, after one warm-up step each (lazy set-up, optimizer state);
+    `contexts[name]()` is entered around the steps of `name` where given."""
     contexts = contexts or {}
 
-    def steps_of(name: str, count: int) -> None:
-        model, optimizer = models[name]
+    def steps_of(name: str, count: int, new_batches: list[dict] | None = None) -> float:
+        _, trainer = models[name]
         with contexts.get(name, contextlib.nullcontext)():
-            for s in range(count):
-                common.train_step(model, optimizer, batches[s % len(batches)])
+            return sum(common.train_steps(trainer, count, new_batches)) / count
 
     for name in models:
-        steps_of(name, 1)
+        steps_of(name, 1, batches)
     rounds = []
     for i in range(repeats):
-        seconds = {name: common.timed(lambda n=name: steps_of(n, steps)) / steps
-                   for name in common.rotated(list(models), i)}
+        seconds = {name: steps_of(name, steps) for name in common.rotated(list(models), i)}
         rounds.append(seconds)
         print(f"round {i + 1}/{repeats}: " + ", ".join(f"{k} {v:.3f}s/step" for k, v in seconds.items()), flush=True)
     return rounds

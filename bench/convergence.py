@@ -10,6 +10,15 @@ learning rate of each method is its best of one grid on the validation half of t
 the test half gives the figures. Accuracy is exact match of the whole completion under teacher forcing
 (every completion token is the argmax), which is what greedy decoding of the completion would produce.
 Goal: LoRA-GA reaches plain LoRA's final test loss in <= 0.5x the steps.
+
+Why its own loop (`train_curve`, `common.train_step`) and not `qloraga.recipe.finetune` or the library's
+Trainer (issue 27): half of the rows are methods the library does not build (PEFT's LoRA-GA, full fine-tuning;
+LoftQ and EVA in quant_gap.py), and one loop for every row, on one list of batches shared by all methods at a
+seed, is what makes the rows comparable (the Trainer draws its batches from its own sampler); the same loop
+serves real_convergence.py, long_horizon.py, multirun.py and gpu_study.py. What can be the library's is: batches
+are collated by its `Collator`, and every qloraga row is built by `get_qloraga_model`. `evaluate` scores loss and
+teacher-forced exact match in one forward, which `qloraga.evaluation` (greedy generation) does not. The reverse
+task's base is pretrained by a loop of its own: a full model from scratch, not a fine-tune.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import common
 import torch
 
 from qloraga import QLoraGAConfig
+from qloraga.batches import IGNORE, Collator
+from qloraga.batches import Example as Row
 
 ROOT = common.BENCH.parent
 DEMO = ROOT / "qloraga" / "demo"
@@ -128,18 +139,10 @@ def reverse_task(pretrain_steps: int = 1500) -> Task:
 
 
 def collate(examples: list[Example], pad_id: int, prompt_loss: bool = False) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels on the completion only (and on the prompt too for pretraining)."""
-    width = max(len(p) + len(c) for p, c in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    labels = torch.full((len(examples), width), -100)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (p, c) in enumerate(examples):
-        n = len(p) + len(c)
-        ids[i, :n] = torch.tensor(p + c)
-        mask[i, :n] = 1
-        first = 1 if prompt_loss else len(p)
-        labels[i, first:n] = ids[i, first:n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """Right-padded batch by the library's `Collator`; labels on the completion only (and on the prompt too, all
+    but its first token, for pretraining)."""
+    rows = [Row(p + c, [IGNORE, *(p + c)[1:]] if prompt_loss else [IGNORE] * len(p) + c) for p, c in examples]
+    return Collator(pad_id)(rows)
 
 
 # ----------------------------------------------------------------------------------------- train, eval

@@ -39,6 +39,8 @@ from qloraga.init.factors import (
     top_singular,
 )
 from qloraga.init.gradient import accumulate_chunk
+from qloraga.init.originals import original_weights
+from qloraga.init.quant_error import QuantErrorFit, fit_fingerprint
 from qloraga.init.ranks import allocate_ranks, describe_allocation, rank_cap, sensitivity, spectral_importance
 from qloraga.init.sketch import Sketch, sketched_singular_vectors
 from qloraga.loading import dequantized_weight
@@ -71,13 +73,15 @@ class InitReport:
     method: str = "lora-ga"
     budget: str = ""  # how the chunks were sized (exact estimator), e.g. "budget auto: 0.41 GB (...), 3 chunk(s)"
     allocation: str = ""  # the gradient allocation's ranks (`ranks.describe_allocation`); "" when uniform
+    quant_error: str = ""  # the quantization-error fit (`QuantErrorFit.describe`); "" when off
 
     def summary(self) -> str:
         work = (f"{self.chunks} chunk(s) ({self.cached_layers} from cache)" if self.estimator == "exact"
                 else f"{self.chunks} sketch pass(es)")
         return (f"{METHOD_NAMES[self.method]} init: {self.layers} layers, {work}, {self.seconds:.1f} s, "
                 f"peak memory {self.peak_memory_gb:.2f} GiB ({self.memory_kind})"
-                + (f"; {self.budget}" if self.budget else "") + (f"; {self.allocation}" if self.allocation else ""))
+                + (f"; {self.budget}" if self.budget else "") + (f"; {self.allocation}" if self.allocation else "")
+                + (f"; {self.quant_error}" if self.quant_error else ""))
 
 
 class Summary(NamedTuple):
@@ -215,8 +219,8 @@ class Finisher:
     the summaries of finished chunks cost disk, not memory: the peak stays one chunk's accumulators."""
 
     def __init__(self, targets: dict[str, nn.Linear], config: QLoraGAConfig, cache: FactorCache | None,
-                 store: FactorCache | None = None):
-        self.targets, self.config, self.cache, self.store = targets, config, cache, store
+                 store: FactorCache | None = None, fit: QuantErrorFit | None = None):
+        self.targets, self.config, self.cache, self.store, self.fit = targets, config, cache, store, fit
         self.importance: dict[str, float] = {}  # gradient allocation, rank 0: every layer's so far
         self.held: dict[str, Summary] = {}  # summaries kept in memory (no store: the sketch's, all at once)
         self.stored: dict[str, Path] = {}  # summaries on disk: the file holding each
@@ -231,7 +235,8 @@ class Finisher:
         for name, path in self.stored.items():
             self.importance[name] = float(FactorCache.load_record(path, name)["importance"])
 
-    def __call__(self, names: list[str], sources: dict[str, torch.Tensor | Sketch]) -> None:
+    def __call__(self, names: list[str], sources: dict[str, torch.Tensor | Sketch],
+                 covariances: dict[str, torch.Tensor] | None = None) -> None:
         summaries = summaries_of(names, self.targets, self.config, sources)
         if self.config.rank_allocation == "gradient":
             self.importance.update({n: s.importance for n, s in summaries.items()})
@@ -243,6 +248,8 @@ class Finisher:
             return
         chunk, zero_grad = shared_factors(names, self.targets, self.config, summaries.pop,
                                           {n: self.config.r for n in names})
+        if self.fit is not None:  # before the factors are cached: a cached chunk has its fit too
+            self.fit(names, covariances)
         if self.cache and distributed.is_main():
             self.cache.save(chunk)
         self.factors.update(chunk)
@@ -295,9 +302,12 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], chunks: list[lis
         """False if the device ran out of memory anywhere in the chunk (`finish` saves nothing before its
         last SVD, so a failed chunk leaves nothing behind)."""
         try:
+            covariances = {} if finish.fit is not None else None  # X^T X from the same hooks, for the error fit
             grads = accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar,
-                                     config.gradient_checkpointing)
-            finish(names, distributed.global_mean_(grads, n_batches or 0))
+                                     config.gradient_checkpointing, covariances)
+            if covariances is not None:
+                distributed.global_mean_(covariances, n_batches or 0)
+            finish(names, distributed.global_mean_(grads, n_batches or 0), covariances)
         except torch.OutOfMemoryError:
             return False  # the exception's frames still hold the chunk's tensors until this returns
         return True
@@ -323,9 +333,14 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], chunks: list[lis
 
 
 def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
-                 config: QLoraGAConfig) -> tuple[Factors, InitReport]:
+                 config: QLoraGAConfig, *, offsets: Factors | None = None,
+                 originals: Callable[[str], torch.Tensor] | None = None) -> tuple[Factors, InitReport]:
     """`{layer name: (A0, B0)}` (fp32) for every target, and a report of the work done. Under the gradient
-    allocation the layers' ranks differ (`A0` has rank rows)."""
+    allocation the layers' ranks differ (`A0` has rank rows).
+
+    With `config.quant_error` on, `offsets` (a dict, required then) is filled with every target's frozen start
+    `(A, B)`: the rank-r fit of its quantization error `W - deq(Wq)`, `W` from `originals(name)` (default: the
+    checkpoint the model was read from, `originals.original_weights`)."""
     start = time.perf_counter()
     device = next(iter(targets.values())).weight.device  # the model's, not whether the machine has a GPU
     reset_peak(device)
@@ -337,12 +352,19 @@ def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: It
     # estimator; the sketch's are all made at once, from sketches that are held anyway).
     spill = tempfile.mkdtemp(prefix="qloraga-summaries-") \
         if gradient and not cache and config.estimator == "exact" and distributed.is_main() else None
+    fit = None
+    if config.quant_error != "off":
+        if offsets is None:
+            raise ValueError("quant_error is on: pass offsets={} to receive the quantization-error fit's factors.")
+        fit = QuantErrorFit(targets, config, originals or original_weights(model),
+                            FactorCache(config.cache_dir, fit_fingerprint(cache.key, config)) if cache else None)
+        fit.resume()
     finish = Finisher(targets, config, cache, (cache or FactorCache(spill, "spill")) if gradient and (cache or spill)
-                      else None)
+                      else None, fit)
     if cache and gradient:
         finish.resume()
     elif cache:
-        factors = {n: f for n, f in cache.load().items() if n in targets}
+        factors = {n: f for n, f in cache.load().items() if n in targets and (fit is None or n in fit.offsets)}
     cached = len(factors) + len(finish.stored)
     todo = {n: m for n, m in targets.items() if n not in factors and n not in finish.stored}
     if gradient and distributed.active():  # every rank must know that rank 0 resumes the same layers
@@ -350,7 +372,8 @@ def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: It
     local = distributed.shard(batches)
     passes = 0
     budget = chunk_budget(model, todo, local, config) if todo and config.estimator == "exact" else None
-    chunks = plan_chunks(model, todo, init_memory_gb=budget.gb, chunk_blocks=config.chunk_blocks) if budget else []
+    chunks = plan_chunks(model, todo, init_memory_gb=budget.gb, chunk_blocks=config.chunk_blocks,
+                         covariance=fit is not None) if budget else []
     planned = 1 + config.power_iters if config.estimator == "sketch" else len(chunks)  # passes over the batches
     total = (len(local) * planned or None) if todo and isinstance(local, Sized) else None
     try:
@@ -372,5 +395,8 @@ def initial_factors(model: nn.Module, targets: dict[str, nn.Linear], batches: It
                       f"start as plain LoRA (B=0): {zero_grad_layers[:5]}", stacklevel=2)
     report = InitReport(len(targets), passes, cached, zero_grad_layers, time.perf_counter() - start,
                         peak_memory_gb(device), memory_kind(device), config.estimator, config.method,
-                        budget.describe(len(chunks)) if budget and not config.chunk_blocks else "", allocation)
+                        budget.describe(len(chunks)) if budget and not config.chunk_blocks else "", allocation,
+                        fit.describe() if fit else "")
+    if fit is not None:
+        offsets.update({n: fit.offsets[n] for n in targets})
     return factors, report

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import ProgressCallback, TrainerCallback
 
 from qloraga import memory
+from qloraga.loading import model_device
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -72,11 +73,10 @@ def llama_config(shape: str, layers: int | None = None, max_positions: int = 409
 
 
 def count_params(config) -> dict[str, int]:
-    """Parameters of a config's model, built on the meta device: total and inside decoder-block linears."""
-    from transformers import AutoModelForCausalLM
+    """Parameters of a config's model, the library's weightless skeleton: total and inside decoder-block linears."""
+    from qloraga.model_source import model_skeleton
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = model_skeleton(config)
     total = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, nn.Linear) and ".layers." in f".{n}")
@@ -86,15 +86,16 @@ def count_params(config) -> dict[str, int]:
 def write_random_checkpoint(config, path: Path, seed: int = 0, device: str = "cpu") -> Path:
     """Save a random bf16 checkpoint one decoder block per shard, never holding the whole model.
 
-    Names and shapes come from a meta-device model; matrices are N(0, initializer_range), norms are ones,
-    as `from_config` would make them. Peak memory is one block, so a 7B checkpoint can be written on a
-    16 GB machine and then loaded (and quantized tensor by tensor) by `qloraga.load_model`.
+    Names and shapes come from the library's weightless skeleton (`model_skeleton`); matrices are
+    N(0, initializer_range), norms are ones, as `from_config` would make them. Peak memory is one block, so a
+    7B checkpoint can be written on a 16 GB machine and then loaded (and quantized tensor by tensor) by
+    `qloraga.load_model`.
     """
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
+    from qloraga.model_source import model_skeleton
+
+    meta = model_skeleton(config)
     shapes = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
     groups: dict[str, list[str]] = {}
     for name in shapes:
@@ -165,8 +166,7 @@ def materialize(model: nn.Module) -> None:
     release_memory()
 
 
-def device_of(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+device_of = model_device  # the library's: where a model's inputs go
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

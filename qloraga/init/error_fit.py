@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from qloraga.init.factors import top_singular
+from qloraga.init.factors import Spectrum, top_singular
 
 Weighting = Literal["activation", "diagonal", "weight"]
 DAMPING = 0.01  # CorDA's: 1% of the mean diagonal of H
@@ -77,26 +77,45 @@ def unwhiten(vt: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
     return torch.linalg.solve_triangular(s.T, vt.T, upper=True).T  # (S^T)^-1 V = (Vt S^-1)^T
 
 
+class Whitened(NamedTuple):
+    """The top singular triplets of `E S`, the whitener `S` (see `whitened`) and `||E S||_F^2`: enough for the fit
+    at any rank up to the triplets' number (`fit_at`)."""
+
+    spectrum: Spectrum
+    s: torch.Tensor | None
+    total: float
+
+
+def whitened_spectrum(error: torch.Tensor, k: int, *, h: torch.Tensor | None = None,
+                      weighting: Weighting = "activation", damping: float = DAMPING,
+                      svd_niter: int | None = None) -> Whitened:
+    """`E S`'s top `k` singular triplets under the weighting (exact SVD, or randomized with `svd_niter`)."""
+    if error.dim() != 2:
+        raise ValueError(f"error must be a matrix (out x in), got shape {tuple(error.shape)}.")
+    if not 1 <= k <= min(error.shape):
+        raise ValueError(f"r={k} must be between 1 and min(out, in) = {min(error.shape)}.")
+    m, s = whitened(error, h, weighting, damping)
+    return Whitened(top_singular(m, k, svd_niter), s, float(m.square().sum()))
+
+
+def fit_at(w: Whitened, r: int, scaling: float = 1.0) -> ErrorFit:
+    """The rank-r fit from `E S`'s triplets: `B = U sqrt(S) / sqrt(s)`, `A = sqrt(S) Vt S^-1 / sqrt(s)`, balanced
+    in the whitened space, so that `s B A = [E S]_r S^-1` at the adapter's scale `s = alpha / r` (`scaling`).
+    Dividing by `s` is what PEFT's LoftQ forgets (peft#1982): its factors are right only when alpha = r."""
+    u, sv, vt = (t[..., :r] if i == 0 else t[:r] for i, t in enumerate(w.spectrum))
+    if not w.total > 0:
+        return ErrorFit(torch.zeros_like(vt), torch.zeros_like(u), 0.0)
+    root = (sv / scaling).sqrt()
+    return ErrorFit((root[:, None] * unwhiten(vt, w.s)).contiguous(), (u * root).contiguous(),
+                    float(sv.square().sum() / w.total))
+
+
 def error_fit(error: torch.Tensor, r: int, *, h: torch.Tensor | None = None, weighting: Weighting = "activation",
               damping: float = DAMPING, scaling: float = 1.0, svd_niter: int | None = None) -> ErrorFit:
     """The best rank-r `L = s B A` of `error` (out x in) under the weighting, as factors whose product with the
-    adapter's scale `s = alpha / r` (`scaling`) is `L`: `B = U sqrt(S) / sqrt(s)`, `A = sqrt(S) Vt S^-1 /
-    sqrt(s)`, balanced in the whitened space. Dividing by `s` is what PEFT's LoftQ forgets (peft#1982): its
-    factors are right only when alpha = r."""
-    if error.dim() != 2:
-        raise ValueError(f"error must be a matrix (out x in), got shape {tuple(error.shape)}.")
-    if not 1 <= r <= min(error.shape):
-        raise ValueError(f"r={r} must be between 1 and min(out, in) = {min(error.shape)}.")
-    m, s = whitened(error, h, weighting, damping)
-    total = m.square().sum()
-    if not total > 0:
-        return ErrorFit(torch.zeros(r, error.shape[1], device=error.device),
-                        torch.zeros(error.shape[0], r, device=error.device), 0.0)
-    u, sv, vt = top_singular(m, r, svd_niter)
-    root = (sv / scaling).sqrt()
-    a = root[:, None] * unwhiten(vt, s)
-    b = u * root
-    return ErrorFit(a.contiguous(), b.contiguous(), float(sv.square().sum() / total))
+    adapter's scale `s = alpha / r` (`scaling`) is `L` (`fit_at`)."""
+    return fit_at(whitened_spectrum(error, r, h=h, weighting=weighting, damping=damping, svd_niter=svd_niter), r,
+                  scaling)
 
 
 def weighted_error(residual: torch.Tensor, h: torch.Tensor) -> float:

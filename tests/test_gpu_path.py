@@ -17,12 +17,14 @@ with a GPU measured as a GPU model.
 
 from __future__ import annotations
 
+import inspect
 import types
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,7 +32,7 @@ from conftest import make_batches
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import return_and_correct_aliasing
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from qloraga import QLoraGAConfig, distributed, get_qloraga_model, load_model
 from qloraga.init import gradient, pipeline, sketch
@@ -40,6 +42,7 @@ from qloraga.targets import find_target_layers
 
 CUDA = torch.device("cuda", 0)
 COPIES = (torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default)  # may cross devices, as on a GPU
+INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
 
 
 def cuda_device(device) -> bool:
@@ -66,6 +69,9 @@ class FakeCuda(torch.Tensor):
         raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
                         "host memory first.")
 
+    def __array__(self, dtype=None, copy=None):
+        return self.numpy()
+
     def tolist(self):  # CUDA tensors copy to the host for this
         return self.inner.tolist()
 
@@ -81,7 +87,8 @@ class FakeCuda(torch.Tensor):
         def unwrap(x):
             if isinstance(x, FakeCuda):
                 return x.inner
-            if isinstance(x, torch.Tensor) and x.dim() > 0 and func not in COPIES:
+            cpu_index = func in INDEXING and isinstance(x, torch.Tensor) and not x.is_floating_point()
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and func not in COPIES and not cpu_index:
                 raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
                                    f"cuda:0 and cpu! ({func})")
             return torch.device("cpu") if isinstance(x, torch.device) and x.type == "cuda" else x
@@ -110,7 +117,9 @@ SCALARS = {torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__,
 
 class FakeCudaMode(TorchFunctionMode):
     """Tensors made for or moved to a CUDA device become FakeCuda: `device="cuda"` factories, `.to("cuda")`,
-    `.cuda()`; and the few methods a CPU build cannot run on a CUDA-typed tensor run on its values."""
+    `.cuda()`; and the few methods a CPU build cannot run on a CUDA-typed tensor run on its values, as do
+    torch's functions written in Python (inside them this mode is off, so their own `device=` would not reach
+    it). qloraga's code is not a torch function: every op it runs passes here or through FakeCuda's dispatch."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -136,6 +145,9 @@ class FakeCudaMode(TorchFunctionMode):
         elif cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
             return tree_map(on_fake, func(*args, **kwargs))
+        elif inspect.isfunction(func) and any(isinstance(a, FakeCuda) for a in tree_flatten((args, kwargs))[0]):
+            # torch's own Python functions (svd_lowrank, Tensor.norm) run with this mode off: on the values
+            return tree_map(on_fake, func(*tree_map(inner, args), **tree_map(inner, kwargs)))
         return func(*args, **kwargs)
 
 
@@ -162,7 +174,8 @@ def fake_gpu_on() -> Iterator[types.SimpleNamespace]:
             "set_rng_state": lambda state, device="cuda": None,
         }.items():
             patch.setattr(torch.cuda, name, fn)
-        patch.setattr(torch.cuda, "default_generators", (torch.Generator(),))
+        # the fake device draws its random numbers on the CPU: seeding "its" generator seeds those draws
+        patch.setattr(torch.cuda, "default_generators", (torch.default_generator,))
         yield gpu
 
 
@@ -203,11 +216,16 @@ def test_fake_cuda_fails_where_cuda_fails(fake_gpu):
     assert isinstance(x, FakeCuda) and x.is_cuda and x.device == CUDA
     with pytest.raises(TypeError, match="can't convert cuda"):
         x.numpy()
+    with pytest.raises(TypeError, match="can't convert cuda"):
+        np.asarray(x)
     with pytest.raises(RuntimeError, match="same device"):
         x + torch.ones(2, 3)
     with pytest.raises(RuntimeError, match="same device"):
         torch.cat([x, torch.ones(2, 3)])
     assert (x * torch.tensor(2.0)).device == CUDA  # a 0-d CPU scalar is allowed, as on a GPU
+    assert x[:, torch.tensor([2, 0])].tolist() == [[2, 0], [5, 3]]  # so are CPU indices
+    with pytest.raises(RuntimeError, match="same device"):
+        x.index_select(1, torch.tensor([2, 0]))  # but not here
     assert type(x.cpu()) is torch.Tensor and x.cpu().numpy().sum() == 15
     assert torch.zeros(2, device=x.device).device == CUDA and x.tolist() == [[0, 1, 2], [3, 4, 5]]
     y = torch.zeros(2, 3)
@@ -363,7 +381,8 @@ SETTINGS = {
     "lora-ga": dict(), "lora-one": dict(method="lora-one"), "gora": dict(method="gora", rank_allocation="gradient"),
     "gradient ranks": dict(rank_allocation="gradient"), "sketch": dict(estimator="sketch"),
     "gora sketch": dict(method="gora", rank_allocation="gradient", estimator="sketch"),
-    "cache": dict(cache_dir=True),
+    "random directions, weight scale": dict(direction="random", scale="weight_svd"),
+    "randomized svd": dict(svd_niter=2), "cache": dict(cache_dir=True),
 }
 
 

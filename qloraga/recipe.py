@@ -26,7 +26,7 @@ from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.model_source import model_source
 from qloraga.preflight import check_run
 from qloraga.prequantized import weights_description
-from qloraga.runs import last_checkpoint
+from qloraga.runs import last_checkpoint, record_frame
 from qloraga.training import (
     GracefulInterrupt,
     StopOnNonFiniteLoss,
@@ -110,6 +110,7 @@ def finetune(cfg: RunConfig, notes: list[str] = ()) -> Path:
     if main:
         prepare_output_dir(out, cfg)
         write_config(cfg, out, notes)
+        record_frame(out, checked.train_records, cfg.dataset_format)  # what chat puts a message in
     distributed.barrier()
     set_seed(cfg.seed)
     start = time.perf_counter()

@@ -95,10 +95,16 @@ class Run:
         source = str(DEMO_TRAIN) if self.config.dataset == "demo" else self.config.dataset
         if not is_local(source) or not Path(source).expanduser().exists():
             return None
-        frame = detect_frame([str(r.get("prompt", "")) for r in read_records(source)])
-        with contextlib.suppress(OSError):  # a read-only run folder: detected again next time
-            save_json(frame.to_dict() if frame else {"prefix": "", "suffix": ""}, record)
-        return frame
+        return record_frame(self.path, read_records(source), "prompt-completion")
+
+
+def record_frame(run_dir: str | os.PathLike, records: list[dict], fmt: str) -> Frame | None:
+    """The frame the prompts of `fmt` training `records` share (prompt-completion only), recorded in the run
+    folder for chat, the web page and the Modelfile (`finetune` records it; older runs when first asked)."""
+    frame = detect_frame([str(r.get("prompt", "")) for r in records]) if fmt == "prompt-completion" else None
+    with contextlib.suppress(OSError):  # a read-only run folder: detected again next time
+        save_json(frame.to_dict() if frame else {"prefix": "", "suffix": ""}, Path(run_dir) / FRAME_FILE)
+    return frame
 
 
 def open_run(path: str | os.PathLike) -> Run:

@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import transformers
 from conftest import run_cli, save_family, training_prompt
 
 from qloraga.cli.chat import main as chat_main
+from qloraga.prompt_frame import Frame
 from qloraga.runs import load_run_model, open_run
 
 HEAD, TAIL = "Add these numbers:\n", "\nTheir sum:"
@@ -24,6 +26,8 @@ def framed_run(tmp_path_factory):
     data.write_text("".join(json.dumps({"prompt": f"{HEAD}{a} and {b}{TAIL}", "completion": f" {a + b}"}) + "\n"
                             for a in range(6) for b in range(4)))
     assert run_cli(save_family("llama", root / "model"), str(data), root / "run", "--max-steps", "2") == 0
+    # finetune records the frame (a run without the record gets it from its data file when first asked)
+    assert json.loads((root / "run" / "prompt_frame.json").read_text()) == {"prefix": HEAD, "suffix": TAIL}
     return root / "run"
 
 
@@ -59,7 +63,6 @@ def test_chat_sends_the_message_inside_the_training_frame(framed_run, capsys, ge
     first = said(err)
     assert "prompt-completion: the message inside the training prompts' frame, 'Add these numbers:\\n' + message " \
         "+ '\\nTheir sum:', no chat template (--no-frame: as written)" in first, err
-    assert json.loads((framed_run / "prompt_frame.json").read_text()) == {"prefix": HEAD, "suffix": TAIL}
 
     err = chat(capsys, framed_run, "--no-frame")
     assert generated_from[1] == training_prompt(tokenizer, MESSAGE)
@@ -91,3 +94,10 @@ def test_the_page_says_how_prompts_are_sent(framed_run):
         "Prompts go inside the training prompts' frame: `'Add these numbers:\\n' + message + '\\nTheir sum:'`"
     assert frame_line(runs, framed_run.name, False).startswith("Prompts go as written")
     assert frame_line(runs, None, True) == ""
+
+
+def test_a_run_without_the_record_gets_the_frame_from_its_data(framed_run, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(framed_run, older, ignore=shutil.ignore_patterns("checkpoints", "g", "prompt_frame.json"))
+    assert open_run(older).prompt_frame() == Frame(HEAD, TAIL)
+    assert json.loads((older / "prompt_frame.json").read_text()) == {"prefix": HEAD, "suffix": TAIL}

@@ -257,11 +257,7 @@ def test_exports_from_a_model_on_the_gpu_write_what_the_cpu_writes(gguf_model_di
 
     model_dir = gguf_model_dir("llama")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = get_qloraga_model(tiny_fp32(model_dir), QLoraGAConfig(r=4, progress=False), make_batches(n_batches=2))
-    with torch.no_grad():  # a trained adapter: B A - B0 A0 != 0
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p) * 1e-2)
+    model = trained_model(model_dir)
     on_cpu = exported_files(model, tokenizer, tmp_path / "cpu")
     with fake_gpu_on():
         to_fake_gpu(model)
@@ -270,6 +266,67 @@ def test_exports_from_a_model_on_the_gpu_write_what_the_cpu_writes(gguf_model_di
     assert list(on_gpu) == list(on_cpu)
     for name, data in on_cpu.items():
         assert on_gpu[name] == data, name
+
+
+def trained_model(model_dir: str):
+    """A tiny LoRA-GA model (fp32, unquantized) whose adapter has moved from its start: B A - B0 A0 != 0."""
+    model = get_qloraga_model(tiny_fp32(model_dir), QLoraGAConfig(r=4, progress=False), make_batches(n_batches=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 1e-2)
+    return model
+
+
+def test_qloraga_export_gguf_of_a_run_on_the_gpu(gguf_model_dir, tmp_path, monkeypatch):
+    """`qloraga export --format gguf` (the web page's export and the acceptance run's export step call it): the
+    run's base and final adapter loaded back (plain rank-2r LoRA layers, not the live model's corrected ones) and
+    put on the GPU, as `load_run_model` does on a CUDA machine, write the files the CPU writes."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from qloraga import runs
+    from qloraga.cli.export import main as export
+    from qloraga.config import RunConfig
+    from qloraga.export import export_adapter
+
+    model_dir = gguf_model_dir("llama")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(RunConfig(model=model_dir, dtype="float32").to_dict()))
+    export_adapter(trained_model(model_dir), run / "adapter", tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    assert export(["--run", str(run), "--format", "gguf", "--output", str(tmp_path / "cpu")]) == 0
+    model, tokenizer = runs.load_run_model(runs.open_run(run))  # on the CPU: this torch has no CUDA to load onto
+    monkeypatch.setattr(runs, "load_run_model", lambda *args, **kwargs: (to_fake_gpu(model), tokenizer))
+    with fake_gpu_on():
+        assert export(["--run", str(run), "--format", "gguf", "--output", str(tmp_path / "gpu")]) == 0
+    written = sorted(p.name for p in (tmp_path / "cpu").iterdir())
+    assert "adapter.gguf" in written and written == sorted(p.name for p in (tmp_path / "gpu").iterdir())
+    for name in written:
+        assert (tmp_path / "gpu" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
+
+
+def test_a_scaled_optimizer_steps_on_the_gpu(fake_gpu):
+    """scaled_adamw's r x r preconditioners and AdamW's step with the LoRA factors and their gradients on the GPU
+    take the CPU's steps (no tensor of theirs left on the CPU)."""
+    from qloraga.optim import ScaledAdamW
+
+    torch.manual_seed(0)
+    values = [torch.randn(4, 16), torch.randn(32, 4)]
+    grads = [torch.randn(4, 16), torch.randn(32, 4)]
+
+    def steps(device: str) -> list[torch.Tensor]:
+        a, b = (nn.Parameter(v.clone().to(device), requires_grad=False) for v in values)  # FakeCuda: no autograd
+        a.grad, b.grad = (g.clone().to(device) for g in grads)
+        optimizer = ScaledAdamW([a, b], [(a, b)], lr=1e-2)
+        for _ in range(2):
+            optimizer.step()
+        return [a.detach().cpu(), b.detach().cpu()]
+
+    on_gpu = steps("cuda")
+    for x, y in zip(on_gpu, steps("cpu"), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert not torch.equal(on_gpu[0], values[0])  # it moved
 
 
 @pytest.fixture(scope="module")

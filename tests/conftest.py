@@ -114,6 +114,8 @@ TIERS = {
     "test_factors": "unit",
     "test_gguf::test_real_gguf_smollm2": "slow",
     "test_gguf_smollm2": "slow",
+    "test_gpu_path": "unit",
+    "test_gpu_path::test_qloraga_export_gguf": "integration",  # the command line
     "test_lora_one": "unit",
     "test_lora_one::test_one_training_run": "integration",
     "test_packaging": "slow",

@@ -42,7 +42,9 @@ METHODS = {
     "LoRA-One + scaled AdamW": (4, "lora-one", "scaled_adamw"),
     "LoRA-One + gradient ranks": (4, "lora-one-ranks", "adamw"),
     "GoRA (qloraga)": (4, "gora", "adamw"),
+    "LoRA-One + quant-error fit (qloraga)": (4, "lora-one-qe", "adamw"),
     "LoRA-GA (PEFT, bf16 base)": (16, "peft_loraga", "adamw"),
+    "LoRA (PEFT, unquantized base)": (16, "lora", "adamw"),
     "full fine-tuning (bf16 base)": (16, "full", "adamw"),
 }
 PLAIN = "QLoRA (PEFT, B=0)"
@@ -53,6 +55,7 @@ QLORAGA_INITS = {
     "lora-one": {"method": "lora-one"},
     "lora-one-ranks": {"method": "lora-one", "rank_allocation": "gradient"},
     "gora": {"method": "gora", "rank_allocation": "gradient"},
+    "lora-one-qe": {"method": "lora-one", "quant_error": "activation"},  # issue 26: the frozen X^T X-weighted fit
 }
 
 
@@ -126,11 +129,12 @@ def run_batches(task: Task, seed: int, args) -> tuple[list[dict], list[dict]]:
     return grad_batches, order
 
 
-def train_run(task: Task, method: str, lr: float, seed: int, args, base_path: str) -> dict:
-    """One run: the method's init on the seed's gradient batches, then `steps` steps, evaluated as it goes."""
+def train_run(task: Task, method: str, lr: float, seed: int, args, base_path: str, build_model=build) -> dict:
+    """One run: the method's init on the seed's gradient batches, then `steps` steps, evaluated as it goes
+    (`build_model`: `build` or another script's extension of it)."""
     grad_batches, order = run_batches(task, seed, args)
     start = time.perf_counter()
-    model, make_optimizer = build(method, base_path, grad_batches, args.r, seed)
+    model, make_optimizer = build_model(method, base_path, grad_batches, args.r, seed)
     init_s = time.perf_counter() - start
     curve = convergence.train_curve(model, make_optimizer(lr), order, task, lr, args.eval_every, eval_batch=32)
     val_loss = convergence.evaluate(model, task.val, task.pad_id, batch_size=32)[0]

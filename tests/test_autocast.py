@@ -40,6 +40,7 @@ def corrected_linear(dropout: float, noise: float = 1e-4) -> nn.Module:
     return peft_model.eval()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dropout", [0.0, 0.1])  # one [A; A0] matmul, or dropout's two (identity in eval mode)
 def test_the_correction_forward_under_bf16_autocast(dropout):
     model = corrected_linear(dropout)
@@ -52,6 +53,7 @@ def test_the_correction_forward_under_bf16_autocast(dropout):
     assert rel(out, learned_delta(layer, x)) < 1e-2
 
 
+@pytest.mark.unit
 def test_delta_weight_under_bf16_autocast():
     """The merged export's and PEFT merge's update `s (B A - B0 A0)` (export/merged.py reads `delta_weight`)."""
     layer = corrected_linear(0.0).get_base_model()[0]

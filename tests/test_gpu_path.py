@@ -467,6 +467,32 @@ def test_init_on_the_gpu_matches_the_cpu_and_releases_the_cache(tiny_model_dir, 
     assert fake_gpu.calls == ["reset_peak", "empty_cache"]
 
 
+@pytest.mark.parametrize("setting", ["lora-ga", "sketch", "gradient ranks"])
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_both_estimators_under_nccl(tiny_model_dir, monkeypatch, fake_gpu, one_process_group, setting, where):
+    """Under torchrun's NCCL group the exact estimator's accumulators, the sketch's products, the allocation's
+    ranks and the broadcast factors all travel on the current CUDA device, whether the model sits on the GPU or
+    (a library user's choice) on the CPU, and the factors are those of one process."""
+    config = QLoraGAConfig(r=2, progress=False, **SETTINGS[setting])
+    batches = make_batches(n_batches=2)
+    cpu_model = tiny_fp32(tiny_model_dir("llama"))
+    with monkeypatch.context() as alone:
+        alone.setattr(distributed, "active", lambda: False)
+        expected, _ = initial_factors(cpu_model, find_target_layers(cpu_model), batches, config)
+    model = cpu_model
+    if where == "cuda":
+        model = to_fake_gpu(tiny_fp32(tiny_model_dir("llama")))
+        replay_gradients(monkeypatch, cpu_model)
+    seen = checked_collectives(monkeypatch, "nccl")
+    factors, _ = initial_factors(model, find_target_layers(model), batches, config)
+    assert {"all_reduce", "broadcast"} <= {kind for kind, _ in seen}
+    assert {device for _, device in seen} == {CUDA}
+    for name, (a, b) in expected.items():
+        assert factors[name][0].device.type == where
+        torch.testing.assert_close(factors[name][0].cpu(), a, rtol=0, atol=0)
+        torch.testing.assert_close(factors[name][1].cpu(), b, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------ 5. memory on CUDA
 
 

@@ -31,6 +31,9 @@ from qloraga.targets import find_target_layers
 ADAPTER = "default"
 # The frozen correction's buffers on each corrected LoRA layer, and the prefix PEFT puts before module names.
 A0_BUFFER, B0_BUFFER = "qloraga_A0", "qloraga_B0"
+# How many of the correction's last rows are the quantization-error fit (an attribute of the live layer): what an
+# adapter for the unquantized original leaves out (`export.adapter`).
+OFFSET_ROWS = "qloraga_offset_rows"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -142,6 +145,7 @@ def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtyp
         frozen_b.append(-offset[1].to(b0))
     layer.register_buffer(A0_BUFFER, torch.cat(frozen_a))
     layer.register_buffer(B0_BUFFER, torch.cat(frozen_b, dim=1))
+    setattr(layer, OFFSET_ROWS, 0 if offset is None else offset[0].shape[0])
     layer.lora_variant[ADAPTER] = ResidualCorrection()
 
 
@@ -227,9 +231,6 @@ def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable
 
 def check_quant_error(targets: dict[str, nn.Linear], config: QLoraGAConfig) -> None:
     """The quantization-error fit needs 4-bit layers (a bf16 base has no error to fit)."""
-    if config.quant_error != "off" and config.method == "lora-ga":
-        raise ConfigError(f"{option('lora_ga.quant_error')} {config.quant_error} is not yet combined with LoRA-GA's "
-                          "correction: use --init lora-one (or gora) with it.")
     if config.quant_error != "off" and not any(is_4bit(m) for m in targets.values()):
         raise ConfigError(f"{option('lora_ga.quant_error')} {config.quant_error} fits the 4-bit weights' "
                           "quantization error, and this model's target layers are not 4-bit: load it with --4bit "

@@ -35,6 +35,8 @@ from qloraga.training import (
     plot_loss,
 )
 
+ORIGINAL_ADAPTER = "adapter-original"  # with --quant-error: the adapter for the weights before quantization
+
 
 def say(message: str) -> None:
     if distributed.is_main():
@@ -176,6 +178,10 @@ def finetune(cfg: RunConfig, notes: list[str] = ()) -> Path:
     # Results and exports.
     say(f"after fine-tuning: {describe(after)}")
     export_adapter(model, out / "adapter", tokenizer=tokenizer)
+    if cfg.lora_ga.quant_error != "off":  # the 4-bit base has the error the fit recovers; the original has none
+        export_adapter(model, out / ORIGINAL_ADAPTER, tokenizer=tokenizer, original=True)
+        say(f"{ORIGINAL_ADAPTER}/: the adapter for the unquantized original weights (without the quantization-error "
+            "fit, which those weights do not need); adapter/ is for the 4-bit base")
     if cfg.merge:
         export_merged(model, out / "merged", tokenizer=tokenizer)
     plotted = plot_loss(out / "metrics.jsonl", out / "loss.png")

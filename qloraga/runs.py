@@ -181,8 +181,9 @@ def corrected_tensors(tensors: dict[str, torch.Tensor], factors: dict[str, tuple
 
 
 def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
-    """Write checkpoint `step` of `run` as a PEFT adapter in `out_dir`: rank 2r with the LoRA-GA correction
-    folded in for LoRA-GA runs, the checkpoint's own adapter for plain LoRA runs."""
+    """Write checkpoint `step` of `run` as a PEFT adapter in `out_dir`: rank 2r with the frozen part folded in
+    for LoRA-GA runs (its correction) and --quant-error runs (the fit; 3r with both), the checkpoint's own adapter
+    for plain LoRA runs."""
     from qloraga.adapters import A0_BUFFER
 
     src = run.checkpoint_dir(step)
@@ -197,11 +198,15 @@ def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
     corrected = any(k.endswith(A0_BUFFER) for k in tensors)
     if corrected or run.config.init == "lora-ga":
         factors = {} if corrected else cached_factors(run)
-        tensors = corrected_tensors(tensors, factors)
-        config["r"] = 2 * config["r"]
-        config["lora_alpha"] = 2 * config["lora_alpha"]
-        for pattern in ("rank_pattern", "alpha_pattern"):  # per-layer ranks (gradient allocation) double too
-            config[pattern] = {k: 2 * v for k, v in (config.get(pattern) or {}).items()}
+        folded = corrected_tensors(tensors, factors)
+        # Rows per trained row: 2 (LoRA-GA's correction, or LoRA-One's quantization-error fit), 3 (both).
+        key = next(k for k in folded if k.endswith(".lora_A.weight"))
+        factor = folded[key].shape[0] // tensors[key].shape[0]
+        tensors = folded
+        config["r"] = factor * config["r"]
+        config["lora_alpha"] = factor * config["lora_alpha"]
+        for pattern in ("rank_pattern", "alpha_pattern"):  # per-layer ranks (gradient allocation) grow alike
+            config[pattern] = {k: factor * v for k, v in (config.get(pattern) or {}).items()}
     save_tensors(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     save_json(config, out_dir / "adapter_config.json")
     return out_dir

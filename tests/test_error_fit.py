@@ -4,9 +4,11 @@ on the layer's own inputs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import logits, make_batches, rel
+from conftest import logits, make_batches, rel, sgd_step
 
 from qloraga.init.error_fit import damped, damped_cholesky, error_fit, weighted_error
 
@@ -204,3 +206,105 @@ def test_prequantized_checkpoint_is_refused_by_name(prequantized_model_dir, batc
     config = QLoraGAConfig(r=4, method="lora-one", quant_error="activation", progress=False)
     with pytest.raises(ModelSourceError, match=r"pre-quantized bnb-4bit checkpoint.*lora_ga.quant_error"):
         get_qloraga_model(load_model(path, dtype=torch.float32), config, batches)
+
+
+# ------------------------------------------------------------------------------------------------ the exports
+def with_weights(path, deltas: dict[str, torch.Tensor]):
+    """The unquantized checkpoint (fp32) with `deltas` added to some linear weights: an independent model of
+    `W + delta` that no PEFT code touches."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            model.get_submodule(name).weight += delta
+    return model
+
+
+def trained_fit(path, batches, method: str = "lora-one"):
+    """A quantization-error run's model after one SGD step, so the trained A, B differ from their start."""
+    from qloraga import QLoraGAConfig, get_qloraga_model, load_model
+
+    config = QLoraGAConfig(r=4, method=method, quant_error="activation", init_memory_gb=4.0, progress=False)
+    model = get_qloraga_model(load_model(path, dtype=torch.float32), config, batches)
+    sgd_step(model, batches, lr=1e-2)
+    return model
+
+
+def test_adapters_for_both_bases_load_in_upstream_peft(tiny_model_dir, tmp_path):
+    """adapter/ on the 4-bit base reproduces the run; the adapter for the original, on the unquantized weights,
+    computes W + s B A (the trained part only): the fit, which those weights never needed, is left out."""
+    from peft import PeftModel
+
+    from qloraga import export_adapter, load_model
+    from qloraga.adapters import corrected_layers
+
+    path, batches = tiny_model_dir("llama"), make_batches()
+    model = trained_fit(path, batches)
+    ours = logits(model, batches)
+    four_bit = PeftModel.from_pretrained(load_model(path, dtype=torch.float32), export_adapter(model, tmp_path / "a"))
+    assert rel(logits(four_bit, batches), ours) < 1e-5
+    original = PeftModel.from_pretrained(load_model(path, load_in_4bit=False, dtype=torch.float32),
+                                         export_adapter(model, tmp_path / "o", original=True))
+    layers = corrected_layers(model)
+    trained = {n.removeprefix("base_model.model."): m.scaling["default"] * (m.lora_B["default"].weight
+                                                                             @ m.lora_A["default"].weight).detach()
+               for n, m in layers.items()}
+    expected = logits(with_weights(path, trained), batches)
+    assert rel(logits(original, batches), expected) < 1e-5
+    fitted = {n: d - m.scaling["default"] * (m.qloraga_B0 @ m.qloraga_A0)
+              for (n, d), m in zip(trained.items(), layers.values(), strict=True)}
+    assert rel(logits(with_weights(path, fitted), batches), expected) > 1e-3  # the fit would have moved it
+
+
+def test_lora_ga_step_zero_is_the_base_plus_the_fit(tiny_model_dir, tmp_path):
+    """LoRA-GA with the fit: its trainable start is plain LoRA-GA's, and step 0 is exactly the 4-bit base plus the
+    fit (the correction cancels the trainable start), as upstream PEFT computes the fit alone on the 4-bit base;
+    its rank-3r export reproduces it."""
+    from peft import PeftModel, get_peft_model
+
+    from qloraga import QLoraGAConfig, export_adapter, get_qloraga_model, load_model
+    from qloraga.adapters import corrected_layers, lora_config
+
+    path, batches = tiny_model_dir("llama"), make_batches()
+    config = QLoraGAConfig(r=4, quant_error="activation", init_memory_gb=4.0, progress=False)
+    model = get_qloraga_model(load_model(path, dtype=torch.float32), config, batches)
+    plain = get_qloraga_model(load_model(path, dtype=torch.float32), QLoraGAConfig(r=4, init_memory_gb=4.0,
+                                                                                   progress=False), batches)
+    layers, plain_layers = corrected_layers(model), corrected_layers(plain)
+    names = sorted(n.removeprefix("base_model.model.") for n in layers)
+    fit_only = get_peft_model(load_model(path, dtype=torch.float32), lora_config(4, config.lora_alpha, names))
+    fit_layers = dict(fit_only.named_modules())
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_A["default"].weight, plain_layers[name].lora_A["default"].weight)
+        with torch.no_grad():  # the fit's rows: A0[4:], -B0[:, 4:]
+            fit_layers[name].lora_A["default"].weight.copy_(layer.qloraga_A0[4:])
+            fit_layers[name].lora_B["default"].weight.copy_(-layer.qloraga_B0[:, 4:])
+    ours = logits(model, batches)
+    assert rel(ours, logits(fit_only, batches)) < 1e-5
+    assert rel(ours, logits(plain, batches)) > 1e-4
+    exported = export_adapter(model, tmp_path / "a")
+    assert json.loads((exported / "adapter_config.json").read_text())["r"] == 12
+    upstream = PeftModel.from_pretrained(load_model(path, dtype=torch.float32), exported)
+    assert rel(logits(upstream, batches), ours) < 1e-5
+
+
+def test_checkpoint_adapter_keeps_the_fit(tiny_model_dir, tmp_path):
+    """A checkpoint of a LoRA-GA --quant-error run exports as what was trained: rank 3r (the trained r, the
+    correction's r, the fit's r), computing what the final adapter of the same step computes, on the 4-bit base."""
+    from conftest import run_cli, write_dataset
+    from peft import PeftModel
+
+    from qloraga import load_model
+    from qloraga.recipe import ORIGINAL_ADAPTER
+    from qloraga.runs import checkpoint_adapter, open_run
+
+    path, batches = tiny_model_dir("llama"), make_batches()
+    data = write_dataset(tmp_path / "train.jsonl", "alpaca")
+    out = tmp_path / "out"
+    assert run_cli(path, data, out, "--4bit", "--quant-error", "activation", "--max-steps", "2") == 0
+    assert (out / ORIGINAL_ADAPTER / "adapter_config.json").exists()
+    final = logits(PeftModel.from_pretrained(load_model(path, dtype=torch.float32), out / "adapter"), batches)
+    ckpt = checkpoint_adapter(open_run(out), 2, tmp_path / "ckpt")
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 12
+    assert rel(logits(PeftModel.from_pretrained(load_model(path, dtype=torch.float32), ckpt), batches), final) < 1e-5

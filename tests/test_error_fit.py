@@ -308,3 +308,35 @@ def test_checkpoint_adapter_keeps_the_fit(tiny_model_dir, tmp_path):
     ckpt = checkpoint_adapter(open_run(out), 2, tmp_path / "ckpt")
     assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 12
     assert rel(logits(PeftModel.from_pretrained(load_model(path, dtype=torch.float32), ckpt), batches), final) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- the memory model
+def test_memory_model_counts_the_covariances_the_pass_allocates(tiny_model_dir, monkeypatch):
+    """What a chunk's pass really allocates (its gradients and X^T X, read off the tensors) is what the memory
+    model plans the chunks with, and what the dry run adds for --quant-error."""
+    import qloraga.init.pipeline as pipeline
+    from qloraga.cli.dryrun import estimate_memory
+    from qloraga.config import RunConfig
+    from qloraga.init.chunks import accumulator_bytes
+    from qloraga.model_source import causal_lm_config, model_skeleton
+    from qloraga.targets import find_target_layers
+
+    path, real = tiny_model_dir("llama"), pipeline.accumulate_chunk
+    allocated = []
+
+    def measured(model, layers, *args, **kwargs):
+        grads = real(model, layers, *args, **kwargs)
+        covariances = args[3] if len(args) > 3 else kwargs.get("covariances")
+        allocated.append((dict(layers), sum(t.nbytes for t in [*grads.values(), *covariances.values()])))
+        return grads
+
+    monkeypatch.setattr(pipeline, "accumulate_chunk", measured)
+    tiny_setup(path, "activation", make_batches(), chunk_blocks=1)
+    assert len(allocated) == 2
+    for layers, nbytes in allocated:
+        assert nbytes == sum(accumulator_bytes(m, covariance=True) for m in layers.values())
+    skeleton = model_skeleton(causal_lm_config(path))
+    off, on = (estimate_memory(skeleton, RunConfig(model=path, load_in_4bit=True, lora_ga={
+        "r": 4, "quant_error": q, "init_memory_gb": 4.0})) for q in ("off", "activation"))
+    covariance = sum(m.in_features**2 * 4 for m in find_target_layers(skeleton).values())  # one chunk: 4 GiB
+    assert on.init - off.init >= covariance and on.training == off.training

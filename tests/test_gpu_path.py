@@ -437,7 +437,6 @@ def assert_same_factors(gpu: dict, cpu: dict) -> None:
 SETTINGS = {
     "lora-ga": dict(), "lora-one": dict(method="lora-one"), "gora": dict(method="gora", rank_allocation="gradient"),
     "gradient ranks": dict(rank_allocation="gradient"), "sketch": dict(estimator="sketch"),
-    "gora sketch": dict(method="gora", rank_allocation="gradient", estimator="sketch"),
     "random directions, weight scale": dict(direction="random", scale="weight_svd"),
     "randomized svd": dict(svd_niter=2), "cache": dict(cache_dir=True),
 }

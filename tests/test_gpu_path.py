@@ -9,10 +9,11 @@ the autograd engine asks for): it never requires grad. So the gradient passes ru
 replayed (`replay_gradients`) into an init whose model, accumulators, SVDs and factors are on the fake GPU,
 and the exports read a trained model moved there (`to_fake_gpu`), as `load_run_model` puts a run on CUDA.
 
-Each test here failed on the code before its fix (issue 25 section 1): the GGUF adapter's `.numpy()` on CUDA
-tensors, collectives on CPU tensors under NCCL, the CUDA cache never released after the init nor after a
+The tests of issue 25 section 1's fixes each failed on the code before them: the GGUF adapter's `.numpy()` on
+CUDA tensors, collectives on CPU tensors under NCCL, the CUDA cache never released after the init nor after a
 failed chunk's references were gone, an out-of-memory in the SVD not retried, and a CPU model on a machine
-with a GPU measured as a GPU model.
+with a GPU measured as a GPU model. The others keep the GPU path's other steps (the whole init, the
+optimizer's step, every export) on the fake device, so a new CPU-only line there fails here first.
 """
 
 from __future__ import annotations

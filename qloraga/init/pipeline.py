@@ -299,8 +299,8 @@ def exact_init(model: nn.Module, targets: dict[str, nn.Linear], chunks: list[lis
     device = next(iter(targets.values())).weight.device
 
     def attempt(names: list[str]) -> bool:
-        """False if the device ran out of memory anywhere in the chunk (`finish` saves nothing before its
-        last SVD, so a failed chunk leaves nothing behind)."""
+        """False if the device ran out of memory anywhere in the chunk. Its halves are estimated and finished
+        again: what `finish` had kept of it (the error fit's factors) is kept again, with the same values."""
         try:
             covariances = {} if finish.fit is not None else None  # X^T X from the same hooks, for the error fit
             grads = accumulate_chunk(model, {n: targets[n] for n in names}, batches, bar,

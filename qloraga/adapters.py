@@ -31,6 +31,8 @@ from qloraga.targets import find_target_layers
 ADAPTER = "default"
 # The frozen correction's buffers on each corrected LoRA layer, and the prefix PEFT puts before module names.
 A0_BUFFER, B0_BUFFER = "qloraga_A0", "qloraga_B0"
+# The dtype qloraga gave a layer's trainable A, B (`adapter_dtype`), kept on the layer: a trainer's cast is undone.
+DTYPE_ATTR = "qloraga_adapter_dtype"
 # How many of the correction's last rows are the quantization-error fit (an attribute of the live layer): what an
 # adapter for the unquantized original leaves out (`export.adapter`).
 OFFSET_ROWS = "qloraga_offset_rows"
@@ -119,13 +121,19 @@ class ResidualCorrection(LoraVariant):
         return result + (delta * module.scaling[active_adapter]).to(result.dtype)
 
 
+def set_adapter_dtype(layer: LoraLayer, dtype: torch.dtype) -> None:
+    """The trainable A, B in `dtype`, and `dtype` recorded on the layer (`restore_adapter_dtype` reads it)."""
+    layer.lora_A[ADAPTER].to(dtype)
+    layer.lora_B[ADAPTER].to(dtype)
+    setattr(layer, DTYPE_ATTR, dtype)
+
+
 def start_adapter(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtype: torch.dtype
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Set the trainable adapter to (A0, B0) in `dtype`; returns the values as set."""
     device = layer.lora_A[ADAPTER].weight.device
     a0, b0 = a0.to(device=device, dtype=dtype), b0.to(device=device, dtype=dtype)
-    layer.lora_A[ADAPTER].to(dtype)
-    layer.lora_B[ADAPTER].to(dtype)
+    set_adapter_dtype(layer, dtype)
     with torch.no_grad():
         layer.lora_A[ADAPTER].weight.copy_(a0)
         layer.lora_B[ADAPTER].weight.copy_(b0)
@@ -152,6 +160,20 @@ def attach_correction(layer: LoraLayer, a0: torch.Tensor, b0: torch.Tensor, dtyp
 def corrected_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """Every LoRA layer of `model` that carries a qloraga correction, by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, A0_BUFFER)}
+
+
+def start_values(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The frozen copy of the adapter's start (A0, B0) a corrected layer keeps in its buffers, before any
+    quantization-error offset rows; None without one (no correction, or the offset alone)."""
+    if not hasattr(layer, A0_BUFFER):
+        return None
+    rows = getattr(layer, A0_BUFFER).shape[0] - getattr(layer, OFFSET_ROWS, 0)
+    return (getattr(layer, A0_BUFFER)[:rows], getattr(layer, B0_BUFFER)[:, :rows]) if rows else None
+
+
+def wired_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Every LoRA layer whose adapter qloraga wired (any init, corrected or not), by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, DTYPE_ATTR)}
 
 
 def check_batches(batches: Iterable[dict]) -> None:
@@ -248,6 +270,5 @@ def get_lora_model(model: nn.Module, config: QLoraGAConfig) -> PeftModel:
     peft_model = get_peft_model(model, peft_config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
     for layer in peft_model.modules():
         if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A:
-            layer.lora_A[ADAPTER].to(config.torch_adapter_dtype)
-            layer.lora_B[ADAPTER].to(config.torch_adapter_dtype)
+            set_adapter_dtype(layer, config.torch_adapter_dtype)
     return peft_model

@@ -1,6 +1,7 @@
 """The frozen correction under an enclosing bf16 autocast (TRL's `SFTConfig` defaults to `bf16=True`): the learned
 update `s (B A - B0 A0)` must not be rounded to bf16 before it cancels, or a learned `B - B0` below bf16's
-resolution of B turns into noise. Every reference is fp64 math on the layer's weights."""
+resolution of B turns into noise. Every reference is fp64 math on the layer's weights. And TRL's bf16 cast of a 4-bit
+model's adapters, undone for every init."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from qloraga import QLoraGAConfig, get_qloraga_model, load_model, restore_adapter_dtype
-from qloraga.adapters import ADAPTER, ResidualCorrection, attach_correction, corrected_layers, delta_weight
+from qloraga.adapters import (
+    ADAPTER,
+    ResidualCorrection,
+    attach_correction,
+    corrected_layers,
+    delta_weight,
+    get_lora_model,
+    wired_layers,
+)
 
 BF16_AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -65,6 +74,13 @@ def test_delta_weight_under_bf16_autocast():
     assert got.dtype == torch.float32
 
 
+def sft_data():
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}
+                              for a in range(8) for b in range(4)])
+
+
 class InputsSeen:
     """Forward pre-hooks on the corrected layers: the last input each saw in training and whether an autocast
     was on around it."""
@@ -90,18 +106,14 @@ def test_sft_trainer_at_its_default_bf16_learns_the_update_it_computes(tiny_mode
     """The README's TRL recipe: SFTConfig's own bf16 default (autocast on), LoRA-GA's rate, a few steps; then every
     corrected layer, under the trainer's own autocast, computes the update its weights hold (fp64 reference)."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
     path = tiny_model_dir("llama")
     model = get_qloraga_model(load_model(path), QLoraGAConfig(r=4, adapter_dtype="float32", progress=False),
                               make_batches())
-    data = Dataset.from_list([{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}
-                              for a in range(8) for b in range(4)])
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), learning_rate=2e-5,  # the README's, bf16 its default
                          max_steps=3, per_device_train_batch_size=4, max_length=32, report_to="none",
                          save_strategy="no", use_cpu=True)
     assert args.bf16  # what the README's recipe relies on
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer())
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=tiny_tokenizer())
     restore_adapter_dtype(trainer.model)
     layers = corrected_layers(model)
     seen = InputsSeen(layers)
@@ -120,3 +132,18 @@ def test_sft_trainer_at_its_default_bf16_learns_the_update_it_computes(tiny_mode
             delta = ResidualCorrection.forward(layer, ADAPTER, x, result)
         # 0.8e-4 to 1.5e-4 (fp32 products that cancel); 2.3 on the first layer in bf16 under the autocast
         assert rel(delta, learned_delta(layer, x)) < 1e-2, name
+
+
+@pytest.mark.parametrize("init", ["lora-one", "gora", "lora"])
+def test_sft_trainer_keeps_fp32_adapters_without_the_correction(tiny_model_dir, tmp_path, init):
+    """TRL casts a 4-bit model's trainable weights to bf16; restore_adapter_dtype undoes it for every init, not only
+    the corrected layers of LoRA-GA (before: LoRA-One's, GoRA's and plain LoRA's adapters trained in bf16)."""
+    trl = pytest.importorskip("trl")
+    config = QLoraGAConfig(r=4, adapter_dtype="float32", progress=False, method="lora-one" if init == "lora" else init)
+    base = load_model(tiny_model_dir("llama"))
+    model = get_lora_model(base, config) if init == "lora" else get_qloraga_model(base, config, make_batches())
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, max_length=32, report_to="none", use_cpu=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=tiny_tokenizer())
+    assert restore_adapter_dtype(trainer.model) == len(wired_layers(model)) == 14  # 7 projections x 2 blocks
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert len(trainable) == 28 and {p.dtype for p in trainable} == {torch.float32}

@@ -24,7 +24,8 @@ from torch import nn
 
 from qloraga.config import QLoraGAConfig, option
 from qloraga.errors import ConfigError, DataError
-from qloraga.init.pipeline import Factors, initial_factors
+from qloraga.init.factors import layer_generator
+from qloraga.init.pipeline import Factors, initial_factors, plain_lora_factors
 from qloraga.loading import disable_cpu_repacking, is_4bit
 from qloraga.targets import find_target_layers
 
@@ -227,7 +228,7 @@ def wire_adapters(model: nn.Module, factors: Factors, config: QLoraGAConfig, off
 
 
 def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable[dict], *,
-                      originals: Callable[[str], torch.Tensor] | None = None) -> PeftModel:
+                      originals: Callable[[str], torch.Tensor] | None = None, step: bool = True) -> PeftModel:
     """LoRA-GA (or LoRA-One or GoRA, `config.method`) on `model` (4-bit or not): estimate the gradient on
     `batches`, factorise (at per-layer ranks under `rank_allocation: gradient`), wire PEFT adapters.
 
@@ -236,7 +237,8 @@ def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable
     LoRA-One it starts one scaled rank-r gradient step away. Its `qloraga_report` attribute says how the
     initialisation went. With `config.quant_error` on, every layer also carries the frozen rank-r fit of its
     quantization error, on top of that start (`originals(name)`: the unquantized weight of a layer, by default
-    read from the checkpoint the model was loaded from).
+    read from the checkpoint the model was loaded from). `step=False` (with the fit only): the trainable start is
+    PEFT's plain LoRA (Kaiming A, B = 0) instead of the method's, so step 0 is the base plus the fit alone.
     """
     config.validate()
     check_batches(batches)
@@ -246,6 +248,14 @@ def get_qloraga_model(model: nn.Module, config: QLoraGAConfig, batches: Iterable
     disable_cpu_repacking(model)
     offsets = {} if config.quant_error != "off" else None
     factors, report = initial_factors(model, targets, batches, config, offsets=offsets, originals=originals)
+    if not step:
+        if offsets is None:
+            raise ConfigError(f"step=False starts plain LoRA on the quantization-error fit: set "
+                              f"{option('lora_ga.quant_error')} (e.g. activation).")
+        factors = {n: tuple(t.to(targets[n].weight.device) for t in plain_lora_factors(
+            targets[n].out_features, targets[n].in_features, config.r, layer_generator(config.seed, n)))
+            for n in factors}
+        report.method = "lora"
     peft_model = wire_adapters(model, factors, config, offsets)
     peft_model.qloraga_report = report
     return peft_model

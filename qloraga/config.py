@@ -405,9 +405,6 @@ class RunConfig:
             raise ConfigError(f"{option('lora_ga.rank_allocation')} {self.lora_ga.rank_allocation} allocates "
                               "ranks from the gradient, which --init lora does not compute: use --init lora-one, "
                               "lora-ga or gora, or --rank-allocation uniform.")
-        if self.init == "lora" and self.lora_ga.quant_error != "off":
-            raise ConfigError(f"{option('lora_ga.quant_error')} {self.lora_ga.quant_error} runs in the init's "
-                              "calibration pass, which --init lora does not make: use --init lora-one (or gora).")
         self.lora_ga.validate()
         return self
 

@@ -142,11 +142,13 @@ def finetune(cfg: RunConfig, notes: list[str] = ()) -> Path:
                 f"are at most {SHORT_ANSWER_TOKENS} tokens")
 
     # Adapters: LoRA-GA or LoRA-One (gradient estimated on the first training batches), or plain LoRA.
-    if cfg.init != "lora":
+    if cfg.init != "lora" or cfg.lora_ga.quant_error != "off":  # plain LoRA on the fit: its pass computes H
+        alone = cfg.init == "lora"  # the pass's gradient step goes unused: LoRA-One's is the cheapest (top r)
         lora_ga = dataclasses.replace(cfg.lora_ga, cache_dir=cfg.lora_ga.cache_dir or str(out / "lora_ga_cache"),
-                                      progress=cfg.lora_ga.progress and main)
+                                      progress=cfg.lora_ga.progress and main,
+                                      **({"method": "lora-one"} if alone else {}))
         batches = gradient_batches(train_examples, cfg.ga_batches, cfg.batch_size, collator)
-        model = get_qloraga_model(model, lora_ga, batches)
+        model = get_qloraga_model(model, lora_ga, batches, step=not alone)
         say(model.qloraga_report.summary())
     else:
         model = get_lora_model(model, cfg.lora_ga)

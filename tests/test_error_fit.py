@@ -172,13 +172,15 @@ def test_gradient_step_is_carried_on_top_unchanged(tiny_model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the command line
-def test_cli_run_says_what_the_fit_did(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize(("init", "name"), [("lora-one", "LoRA-One"), ("lora", "Plain LoRA (B=0)")])
+def test_cli_run_says_what_the_fit_did(tiny_model_dir, tmp_path, capsys, init, name):
     from conftest import run_cli, write_dataset
 
     data = write_dataset(tmp_path / "train.jsonl", "alpaca")
-    assert run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--init", "lora-one", "--4bit",
+    assert run_cli(tiny_model_dir("llama"), data, tmp_path / "out", "--init", init, "--4bit",
                    "--quant-error", "activation", "--max-steps", "1") == 0
     out = capsys.readouterr().out
+    assert f"{name} init: 14 layers" in out
     assert "quantization error: activation-weighted (X^T X) rank-4 fit, frozen, predicted to remove" in out
     assert "originals: the weights before quantization" in out
     assert "quant_error: activation" in (tmp_path / "out" / "config.yaml").read_text()
@@ -188,8 +190,7 @@ def test_cli_run_says_what_the_fit_did(tiny_model_dir, tmp_path, capsys):
     (("--init", "lora-one"), ("--quant-error / lora_ga.quant_error", "not 4-bit", "--4bit")),
     (("--init", "lora-one", "--4bit", "--estimator", "sketch"), ("--quant-error / lora_ga.quant_error",
                                                                  "exact")),
-    (("--init", "lora", "--4bit"), ("--quant-error / lora_ga.quant_error", "--init lora-one")),
-], ids=["bf16-base", "sketch", "plain-lora"])
+], ids=["bf16-base", "sketch"])
 def test_cli_refuses_what_has_no_error_to_fit(tiny_model_dir, tmp_path, capsys, extra, needles):
     from conftest import fails_with, run_cli, write_dataset
 
@@ -340,3 +341,19 @@ def test_memory_model_counts_the_covariances_the_pass_allocates(tiny_model_dir, 
         "r": 4, "quant_error": q, "init_memory_gb": 4.0})) for q in ("off", "activation"))
     covariance = sum(m.in_features**2 * 4 for m in find_target_layers(skeleton).values())  # one chunk: 4 GiB
     assert on.init - off.init >= covariance and on.training == off.training
+
+
+def test_fit_alone_starts_plain_lora_on_the_base_plus_the_fit(tiny_model_dir):
+    """step=False: the trainable start is PEFT's plain LoRA (B = 0), so step 0 is the 4-bit base plus the fit, the
+    same output as LoRA-GA with the fit (whose correction cancels its own start)."""
+    from qloraga import QLoraGAConfig, get_qloraga_model, load_model
+    from qloraga.adapters import corrected_layers
+
+    path, batches = tiny_model_dir("llama"), make_batches()
+    settings = dict(r=4, quant_error="activation", init_memory_gb=4.0, progress=False)
+    alone = get_qloraga_model(load_model(path, dtype=torch.float32), QLoraGAConfig(method="lora-one", **settings),
+                              batches, step=False)
+    lora_ga = get_qloraga_model(load_model(path, dtype=torch.float32), QLoraGAConfig(**settings), batches)
+    assert all(not m.lora_B["default"].weight.any() for m in corrected_layers(alone).values())
+    assert alone.qloraga_report.summary().startswith("Plain LoRA (B=0) init")
+    assert rel(logits(alone, batches), logits(lora_ga, batches)) < 1e-5

@@ -50,7 +50,8 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 # Each method's name as the init's summary line and progress bar print it; the web page finds the bar by it.
-METHOD_NAMES = {"lora-ga": "LoRA-GA", "lora-one": "LoRA-One", "gora": "GoRA"}
+METHOD_NAMES = {"lora-ga": "LoRA-GA", "lora-one": "LoRA-One", "gora": "GoRA",
+                "lora": "Plain LoRA (B=0)"}  # "lora": on the quantization-error fit alone (`get_qloraga_model`)
 
 
 def init_bar(method: str) -> str:

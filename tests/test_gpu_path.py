@@ -32,7 +32,7 @@ import torch.distributed as dist
 from conftest import make_batches
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import return_and_correct_aliasing
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, return_and_correct_aliasing
 from torch.utils._pytree import tree_flatten, tree_map
 
 from qloraga import QLoraGAConfig, distributed, get_qloraga_model, load_model
@@ -111,7 +111,7 @@ def on_fake(x):
 
 # Tensor methods whose Python binding takes a device guard (which a CPU build has not for CUDA): run on the values.
 GUARDED = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.nonzero, torch.Tensor.new_tensor,
-           torch.Tensor.contiguous}
+           torch.Tensor.contiguous, torch.Tensor.__invert__}
 SCALARS = {torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__bool__,
            torch.Tensor.item}
 
@@ -125,7 +125,7 @@ class FakeCudaMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.to:
-            device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **{k: v for k, v in kwargs.items() if k != "copy"})
             if cuda_device(device):
                 x = inner(args[0])
                 return FakeCuda(x.to(dtype=dtype or x.dtype, copy=True))
@@ -152,6 +152,17 @@ class FakeCudaMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class FakeCudaFactories(TorchDispatchMode):
+    """The factories that torch's C++ code calls with a CUDA device (the scalar of `torch.where(mask, x, -inf)`),
+    which no Python function sees: made on the CPU, as FakeCuda."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if cuda_device(kwargs.get("device")) and not any(isinstance(a, FakeCuda) for a in tree_flatten(args)[0]):
+            return tree_map(on_fake, func(*args, **{**kwargs, "device": torch.device("cpu")}))
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def fake_gpu_on() -> Iterator[types.SimpleNamespace]:
     """One fake CUDA device: FakeCudaMode on, and torch.cuda's device, memory, cache and RNG functions answering
@@ -163,7 +174,7 @@ def fake_gpu_on() -> Iterator[types.SimpleNamespace]:
         if gpu.on_release:
             gpu.on_release()
 
-    with pytest.MonkeyPatch.context() as patch, FakeCudaMode():
+    with pytest.MonkeyPatch.context() as patch, FakeCudaMode(), FakeCudaFactories():
         for name, fn in {
             "is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
             "mem_get_info": lambda device=None: (gpu.free, 80 * 2**30),
@@ -330,6 +341,30 @@ def test_a_scaled_optimizer_steps_on_the_gpu(fake_gpu):
     assert not torch.equal(on_gpu[0], values[0])  # it moved
 
 
+def test_evaluation_on_the_gpu_matches_the_cpu(tiny_model_dir):
+    """The held-out loss and greedy answers (every run's before and after, `qloraga evaluate`) with the model on
+    the GPU: the batches, the left-padded prompts and generation's own tensors go to it, and give the CPU's."""
+    from conftest import tiny_tokenizer
+
+    from qloraga.batches import Collator, tokenize
+    from qloraga.evaluation import greedy_answers, held_out_loss
+
+    tokenizer = tiny_tokenizer()
+    records = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(3) for b in range(3)]
+    examples, _ = tokenize(records, "prompt-completion", tokenizer, 32)
+    prompts = [e.input_ids[: 3 + i] for i, e in enumerate(examples[:3])]  # unequal lengths: left padding
+
+    def evaluate(model) -> tuple[float, list[str]]:
+        return (held_out_loss(model, examples, Collator(tokenizer.pad_token_id), batch_size=4),
+                greedy_answers(model, tokenizer, prompts, 4, batch_size=2))
+
+    model = trained_model(tiny_model_dir("llama"))
+    on_cpu = evaluate(model)
+    with fake_gpu_on():
+        on_gpu = evaluate(to_fake_gpu(model))
+    assert on_gpu == on_cpu
+
+
 @pytest.fixture(scope="module")
 def gguf_model_dir(tmp_path_factory):
     """Folder factory: a tiny model of a family with a byte-level tokenizer (GGUF export needs one)."""
@@ -417,8 +452,9 @@ def replay_gradients(monkeypatch, cpu_model: nn.Module) -> None:
 
     def on_gpu(model, layers, batches, on_pair, progress=None, checkpointing=False):
         pairs = []  # handed over once the backward pass is done: FakeCudaMode is off inside `loss.backward()`
-        n = real(cpu_model, {n: cpu_layers[n] for n in layers}, batches,
-                 lambda name, x, delta: pairs.append((name, x, delta)), progress, checkpointing)
+        with torch._C.DisableTorchFunction(), _disable_current_modes():  # the CPU twin needs no fake (and is faster)
+            n = real(cpu_model, {n: cpu_layers[n] for n in layers}, batches,
+                     lambda name, x, delta: pairs.append((name, x, delta)), progress, checkpointing)
         for name, x, delta in pairs:
             on_pair(name, FakeCuda(x), FakeCuda(delta))
         return n

@@ -33,13 +33,13 @@ import long_horizon as lh
 import real_convergence as rc
 import torch
 
-from qloraga.adapters import corrected_layers
+from qloraga import QLoraGAConfig, get_qloraga_model
 
 LORA16 = "LoRA (PEFT, unquantized base)"
 LORA_ONE = "LoRA-One (qloraga)"
 QE_LORA_ONE = "LoRA-One + quant-error fit (qloraga)"
-# The frozen fit alone: QE_LORA_ONE's model with the trainable adapter reset to PEFT's start (Kaiming A, B = 0),
-# so step 0 is the NF4 base plus the fit, and training is plain LoRA on top.
+# The frozen fit alone: the trainable adapter starts as PEFT's (Kaiming A, B = 0) on the fit, so step 0 is the
+# NF4 base plus the fit, and training is plain LoRA on top.
 QE_ALONE = "quant-error fit alone (qloraga, B=0)"
 # PEFT's own inits on the same NF4 base (B = 0 for EVA; LoftQ's one-iteration residual fit). Others: rc.METHODS.
 PEFT_PEERS = {"LoftQ (PEFT, 1 iteration)": "loftq", "EVA (PEFT)": "eva"}
@@ -89,17 +89,18 @@ def eva_model(model, grad_batches: list[dict], r: int):
 
 def build(method: str, base_path: str, grad_batches: list[dict], r: int, seed: int):
     """`real_convergence.build`, and PEFT's LoftQ and EVA on the same NF4 load."""
-    if method == QE_ALONE:
-        model, make_optimizer = rc.build(QE_LORA_ONE, base_path, grad_batches, r, seed)
-        torch.manual_seed(seed)
-        for layer in corrected_layers(model).values():
-            layer.reset_lora_parameters("default", True)
-        return model, make_optimizer
-    if method not in PEFT_PEERS:
+    if method not in PEFT_PEERS and method != QE_ALONE:
         return rc.build(method, base_path, grad_batches, r, seed)
     model = common.load(base_path, four_bit=True, dtype=torch.float32)
     torch.manual_seed(seed)  # PEFT's Kaiming A where the init does not set it
-    model = loftq_model(model, base_path, r) if PEFT_PEERS[method] == "loftq" else eva_model(model, grad_batches, r)
+    if method == QE_ALONE:  # the library's "fit alone" (--init lora --quant-error activation), rc.build's settings
+        config = QLoraGAConfig(r=r, lora_alpha=2 * r, adapter_dtype="float32", seed=seed, svd_niter=4, progress=False,
+                               **rc.QLORAGA_INITS["lora-one-qe"])
+        model = get_qloraga_model(model, config, grad_batches, step=False)
+    elif PEFT_PEERS[method] == "loftq":
+        model = loftq_model(model, base_path, r)
+    else:
+        model = eva_model(model, grad_batches, r)
     return model, lambda lr: common.make_optimizer(common.trainable(model), lr)
 
 

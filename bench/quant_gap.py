@@ -190,17 +190,21 @@ def task_report(results: list[dict]) -> dict:
 def verdict(reports: dict[str, dict], method: str) -> dict:
     """Issue 26's rule: ahead of both QLoRA and LoRA-One outside the seed spread (its worst seed below their
     best) on >= 2 of 3 tasks, and never worse than QLoRA at a rate both ran (seed 0, held-out loss)."""
-    ahead, worse = [], []
+    ahead, worse, one_seed = [], [], []
     for task, rep in reports.items():
         if method not in rep["runs"] or not {rc.PLAIN, LORA_ONE} <= rep["runs"].keys():
             continue
+        if any(len(rep["runs"][m]) < 2 for m in (method, rc.PLAIN, LORA_ONE)):
+            one_seed.append(task)  # no spread to be outside of
         worst = max(x["test_loss"][-1] for x in rep["runs"][method])
         if all(worst < min(x["test_loss"][-1] for x in rep["runs"][m]) for m in (rc.PLAIN, LORA_ONE)):
             ahead.append(task)
         mine = {g["lr"]: g["held-out loss"] for g in rep["grid"] if g["method"] == method}
         plain = {g["lr"]: g["held-out loss"] for g in rep["grid"] if g["method"] == rc.PLAIN}
         worse += [f"{task} at {lr:g}" for lr in mine.keys() & plain.keys() if mine[lr] > plain[lr]]
-    return {"ahead on": ahead, "worse than QLoRA": worse, "rule holds": len(ahead) >= 2 and not worse}
+    holds = len(ahead) >= 2 and not worse
+    return {"ahead on": ahead, "worse than QLoRA": worse, "single-seed tasks": one_seed,
+            "rule holds": "undecided: one seed, no spread" if holds and one_seed else holds}
 
 
 def report(out: Path, suffix: str) -> None:

@@ -30,6 +30,9 @@ from qloraga.loading import disable_cpu_repacking, is_4bit
 from qloraga.targets import find_target_layers
 
 ADAPTER = "default"
+# The adapter for the unquantized original weights of a --quant-error run (its fit left out), when a run's model
+# is loaded with it beside ADAPTER for an export (`runs.load_run_model(original=True)`).
+ORIGINAL = "original"
 # The frozen correction's buffers on each corrected LoRA layer, and the prefix PEFT puts before module names.
 A0_BUFFER, B0_BUFFER = "qloraga_A0", "qloraga_B0"
 # The dtype qloraga gave a layer's trainable A, B (`adapter_dtype`), kept on the layer: a trainer's cast is undone.
@@ -170,6 +173,14 @@ def start_values(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     rows = getattr(layer, A0_BUFFER).shape[0] - getattr(layer, OFFSET_ROWS, 0)
     return (getattr(layer, A0_BUFFER)[:rows], getattr(layer, B0_BUFFER)[:, :rows]) if rows else None
+
+
+def has_error_fit(model: nn.Module) -> bool:
+    """Whether `model` carries a quantization-error fit: a live layer's offset rows, or the original's adapter
+    loaded beside the run's."""
+    if ORIGINAL in getattr(model, "peft_config", {}):
+        return True
+    return any(getattr(layer, OFFSET_ROWS, 0) for layer in corrected_layers(model).values())
 
 
 def wired_layers(model: nn.Module) -> dict[str, LoraLayer]:

@@ -26,7 +26,7 @@ from qloraga.memory import memory_kind, peak_memory_gb
 from qloraga.model_source import model_source
 from qloraga.preflight import check_run
 from qloraga.prequantized import weights_description
-from qloraga.runs import last_checkpoint, record_frame
+from qloraga.runs import ORIGINAL_ADAPTER, last_checkpoint, record_frame
 from qloraga.training import (
     GracefulInterrupt,
     StopOnNonFiniteLoss,
@@ -34,8 +34,6 @@ from qloraga.training import (
     finish_loggers,
     plot_loss,
 )
-
-ORIGINAL_ADAPTER = "adapter-original"  # with --quant-error: the adapter for the weights before quantization
 
 
 def say(message: str) -> None:

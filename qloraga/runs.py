@@ -28,8 +28,9 @@ from qloraga.prompt_frame import FRAME_FILE, Frame, detect_frame, frame_from_dic
 
 # What `finetune` writes in a run folder (and merged/ with --merge). `qloraga export` writes merged/ and gguf/
 # there too, which a new run in the same folder would delete.
-RUN_OUTPUTS = ("adapter", "checkpoints", "lora_ga_cache", "metrics.jsonl", "loss.png", "config.yaml", "results.json",
-               FRAME_FILE)
+ORIGINAL_ADAPTER = "adapter-original"  # with --quant-error: the adapter for the weights before quantization
+RUN_OUTPUTS = ("adapter", ORIGINAL_ADAPTER, "checkpoints", "lora_ga_cache", "metrics.jsonl", "loss.png", "config.yaml",
+               "results.json", FRAME_FILE)
 
 
 @dataclass
@@ -42,6 +43,10 @@ class Run:
     @property
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
+
+    @property
+    def original_adapter_dir(self) -> Path:
+        return self.path / ORIGINAL_ADAPTER
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.path / "checkpoints" / f"checkpoint-{step}"
@@ -155,9 +160,10 @@ def cached_factors(run: Run) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return next(iter(by_key.values()), {})
 
 
-def corrected_tensors(tensors: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                      ) -> dict[str, torch.Tensor]:
-    """Rank-r checkpoint tensors (+ correction buffers or `factors`) -> the rank-2r PEFT adapter's tensors."""
+def corrected_tensors(tensors: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      fit_rows: int = 0) -> dict[str, torch.Tensor]:
+    """Rank-r checkpoint tensors (+ correction buffers or `factors`) -> the rank-2r PEFT adapter's tensors;
+    `fit_rows`: the buffers' last rows (the quantization-error fit) left out, for the unquantized original."""
     from qloraga.adapters import A0_BUFFER, B0_BUFFER, PEFT_PREFIX
     from qloraga.export.adapter import fold_correction
 
@@ -176,14 +182,17 @@ def corrected_tensors(tensors: dict[str, torch.Tensor], factors: dict[str, tuple
                                        "checkpoint's adapter is not what was trained. Use the run's final "
                                        "adapter/ instead.")
             a0, b0 = factors[short]
-        out[key], out[f"{module}.lora_B.weight"] = fold_correction(a, tensors[f"{module}.lora_B.weight"], a0, b0)
+        keep = a0.shape[0] - fit_rows
+        out[key], out[f"{module}.lora_B.weight"] = fold_correction(a, tensors[f"{module}.lora_B.weight"], a0[:keep],
+                                                                   b0[:, :keep])
     return out
 
 
-def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
+def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike, original: bool = False) -> Path:
     """Write checkpoint `step` of `run` as a PEFT adapter in `out_dir`: rank 2r with the frozen part folded in
     for LoRA-GA runs (its correction) and --quant-error runs (the fit; 3r with both), the checkpoint's own adapter
-    for plain LoRA runs."""
+    for plain LoRA runs. `original`: the adapter for the unquantized original weights, the fit (the buffers'
+    last r rows: it is fitted at the uniform rank) left out, as `adapter-original/` is."""
     from qloraga.adapters import A0_BUFFER
 
     src = run.checkpoint_dir(step)
@@ -198,8 +207,10 @@ def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
     corrected = any(k.endswith(A0_BUFFER) for k in tensors)
     if corrected or run.config.init == "lora-ga":
         factors = {} if corrected else cached_factors(run)
-        folded = corrected_tensors(tensors, factors)
-        # Rows per trained row: 2 (LoRA-GA's correction, or LoRA-One's quantization-error fit), 3 (both).
+        fit_rows = config["r"] if original and run.config.lora_ga.quant_error != "off" else 0
+        folded = corrected_tensors(tensors, factors, fit_rows)
+        # Rows per trained row: 1 (the fit alone, left out), 2 (LoRA-GA's correction, or LoRA-One's
+        # quantization-error fit), 3 (both).
         key = next(k for k in folded if k.endswith(".lora_A.weight"))
         factor = folded[key].shape[0] // tensors[key].shape[0]
         tensors = folded
@@ -212,26 +223,39 @@ def checkpoint_adapter(run: Run, step: int, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def load_run_model(run: Run, checkpoint: int | None = None, base_only: bool = False, dtype: str | None = None):
+def load_run_model(run: Run, checkpoint: int | None = None, base_only: bool = False, dtype: str | None = None,
+                   original: bool = False):
     """The run's base loaded as the run loaded it (4-bit or not, its compute dtype, quant storage,
     trust_remote_code), with its final adapter, checkpoint `checkpoint`'s adapter, or none (`base_only`).
+    `original` (a --quant-error run): also the adapter for the unquantized original weights, loaded beside as
+    `adapters.ORIGINAL` (inactive: the model computes the run's adapter), for the GGUF export.
 
     Returns `(model, tokenizer)`; the tokenizer is the run's (its pad token and chat template)."""
     from peft import PeftModel
 
+    from qloraga.adapters import ORIGINAL
     from qloraga.loading import load_base
 
     model = load_base(run.config, dtype)
     tokenizer = run.tokenizer()
     if base_only:
         return model.eval(), tokenizer
+    original = original and run.config.lora_ga.quant_error != "off"
     if checkpoint is None:
         if not (run.adapter_dir / "adapter_config.json").exists():
             have = available_checkpoints(run)
             raise RunError(f"{run.path} has no adapter/ (the run did not finish): pass --checkpoint N "
                            f"(checkpoints: {', '.join(map(str, have)) if have else 'none'}).")
         model = PeftModel.from_pretrained(model, run.adapter_dir)  # adapters in fp32, as the presets train them
+        if original:
+            if not (run.original_adapter_dir / "adapter_config.json").exists():
+                raise RunError(f"{run.path} was trained with --quant-error but has no {ORIGINAL_ADAPTER}/ (finetune "
+                               "writes it beside adapter/): restore it, or export a checkpoint with --checkpoint N.")
+            model.load_adapter(str(run.original_adapter_dir), adapter_name=ORIGINAL)
     else:
         with tempfile.TemporaryDirectory(prefix="qloraga-ckpt-") as tmp:
-            model = PeftModel.from_pretrained(model, checkpoint_adapter(run, checkpoint, tmp))
+            model = PeftModel.from_pretrained(model, checkpoint_adapter(run, checkpoint, Path(tmp) / "run"))
+            if original:
+                model.load_adapter(str(checkpoint_adapter(run, checkpoint, Path(tmp) / ORIGINAL, original=True)),
+                                   adapter_name=ORIGINAL)
     return model.eval(), tokenizer

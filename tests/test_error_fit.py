@@ -292,13 +292,13 @@ def test_lora_ga_step_zero_is_the_base_plus_the_fit(tiny_model_dir, tmp_path):
 
 def test_checkpoint_adapter_keeps_the_fit(tiny_model_dir, tmp_path):
     """A checkpoint of a LoRA-GA --quant-error run exports as what was trained: rank 3r (the trained r, the
-    correction's r, the fit's r), computing what the final adapter of the same step computes, on the 4-bit base."""
+    correction's r, the fit's r), computing what the final adapter of the same step computes, on the 4-bit base;
+    its adapter for the original weights (rank 2r) is the final adapter-original/'s, on the unquantized base."""
     from conftest import run_cli, write_dataset
     from peft import PeftModel
 
     from qloraga import load_model
-    from qloraga.recipe import ORIGINAL_ADAPTER
-    from qloraga.runs import checkpoint_adapter, open_run
+    from qloraga.runs import ORIGINAL_ADAPTER, checkpoint_adapter, open_run
 
     path, batches = tiny_model_dir("llama"), make_batches()
     data = write_dataset(tmp_path / "train.jsonl", "alpaca")
@@ -309,6 +309,15 @@ def test_checkpoint_adapter_keeps_the_fit(tiny_model_dir, tmp_path):
     ckpt = checkpoint_adapter(open_run(out), 2, tmp_path / "ckpt")
     assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 12
     assert rel(logits(PeftModel.from_pretrained(load_model(path, dtype=torch.float32), ckpt), batches), final) < 1e-5
+    # For the original weights: the fit's r rows left out (rank 2r), as the final adapter-original/ computes.
+    ckpt = checkpoint_adapter(open_run(out), 2, tmp_path / "ckpt-original", original=True)
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 8
+
+    def unquantized(adapter):
+        model = load_model(path, load_in_4bit=False, dtype=torch.float32)
+        return logits(PeftModel.from_pretrained(model, adapter), batches)
+
+    assert rel(unquantized(ckpt), unquantized(out / ORIGINAL_ADAPTER)) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------- the memory model

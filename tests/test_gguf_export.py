@@ -30,6 +30,7 @@ from qloraga.cli.export import main as export_main
 from qloraga.config import RunConfig
 from qloraga.export import export_adapter
 from qloraga.export.gguf import GGUFExportError, ollama_template, pre_tokenizer, write_model_gguf
+from qloraga.runs import ORIGINAL_ADAPTER
 
 gguf = pytest.importorskip("gguf")
 
@@ -48,13 +49,14 @@ def sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<unk>")
 
 
-def make_run(family: str, root, tokenizer=byte_level_tokenizer) -> tuple[str, PeftModel]:
-    """A run folder as finetune writes it (config.yaml, adapter/), with adapters moved away from their init."""
+def make_run(family: str, root, tokenizer=byte_level_tokenizer, quant_error: str = "off") -> tuple[str, PeftModel]:
+    """A run folder as finetune writes it (config.yaml, adapter/; adapter-original/ with `quant_error`), with
+    adapters moved away from their init."""
     model_dir = save_family(family, root / "model", tokenizer)
     run = root / "run"
     run.mkdir()
     cfg = RunConfig(model=model_dir, load_in_4bit=True, dtype="float32", output_dir=str(run), dataset_format="messages")
-    cfg.lora_ga = QLoraGAConfig(r=4, lora_alpha=8, adapter_dtype="float32", progress=False)
+    cfg.lora_ga = QLoraGAConfig(r=4, lora_alpha=8, adapter_dtype="float32", progress=False, quant_error=quant_error)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     base = load_model(model_dir, load_in_4bit=True, dtype=torch.float32)
     batches = make_batches(seed=1)
@@ -68,6 +70,8 @@ def make_run(family: str, root, tokenizer=byte_level_tokenizer) -> tuple[str, Pe
             if "lora_" in name:
                 p.add_(torch.randn(p.shape, generator=g) * p.abs().mean().clamp_min(1e-3) * 0.5)
     export_adapter(model, run / "adapter", tokenizer=PreTrainedTokenizerFast.from_pretrained(model_dir))
+    if quant_error != "off":
+        export_adapter(model, run / ORIGINAL_ADAPTER, original=True)
     return str(run), model.eval()
 
 
@@ -156,6 +160,26 @@ def test_base_plus_adapter_matches_peft(exported, tmp_path):
     with model.disable_adapter():  # without the adapter, llama.cpp's base is the dequantized base
         assert compare(base, model, run) < EXACT_TOL
     assert compare(base, model, run) > 10 * LOGIT_TOL  # and the adapter does change the model
+
+
+def test_quant_error_run_has_a_gguf_adapter_for_each_base(tmp_path):
+    """A --quant-error run: adapter.gguf on the dequantized 4-bit base reproduces the run (the fit included);
+    adapter-original.gguf on a GGUF of the original weights computes what upstream PEFT computes with
+    adapter-original/ on those weights (no fit: they never had the error), where adapter.gguf would not."""
+    run, model = make_run("llama", tmp_path, quant_error="activation")
+    assert export_main(["--run", run, "--format", "gguf"]) == 0
+    out = os.path.join(run, "gguf")
+    assert "adapter-original.gguf" in os.listdir(out)
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(run, "adapter"))
+    base32 = write_model_gguf(model, tok, tmp_path / "base-f32.gguf", "f32", merged=False)
+    assert compare(llama_cpp_model(base32, lora=os.path.join(out, "adapter.gguf")), model, run) < EXACT_TOL
+    unquantized = load_model(str(tmp_path / "model"), load_in_4bit=False, dtype=torch.float32)
+    original = PeftModel.from_pretrained(unquantized, os.path.join(run, ORIGINAL_ADAPTER)).eval()
+    original32 = write_model_gguf(original, tok, tmp_path / "original-f32.gguf", "f32", merged=False)
+    worst = compare(llama_cpp_model(original32, lora=os.path.join(out, "adapter-original.gguf")), original, run)
+    print(f"original f32 GGUF + adapter-original.gguf vs PEFT adapter-original/, max |logit diff| / std = {worst:.2e}")
+    assert worst < EXACT_TOL
+    assert compare(llama_cpp_model(original32, lora=os.path.join(out, "adapter.gguf")), original, run) > 10 * EXACT_TOL
 
 
 def test_q8_0_loads_and_agrees(exported):

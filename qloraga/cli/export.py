@@ -2,7 +2,8 @@
 
     qloraga export --run runs/demo-20261127-101500 [--output merged-model]   (or python scripts/export.py ...)
     qloraga export --run RUN --format gguf [--checkpoint N]   # RUN/gguf/: adapter.gguf, model-f16.gguf,
-        # model-q8_0.gguf, Modelfile (llama, mistral and qwen2 families, byte-level BPE tokenizers)
+        # model-q8_0.gguf, Modelfile (llama, mistral and qwen2 families, byte-level BPE tokenizers);
+        # adapter-original.gguf too for a --quant-error run
 
 The merged weights are `deq(Wq) + s B' A'`: the 4-bit weights the adapter was trained against, plus the
 adapter, so the merged model computes what training saw. `--checkpoint N` exports checkpoint N of the run,
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         run = open_run(args.run)
         if args.format == "gguf":  # refuse an unsupported family or tokenizer before loading any weight
             check_gguf_run(run)
-        model, tokenizer = load_run_model(run, checkpoint=args.checkpoint, dtype=args.dtype)
+        model, tokenizer = load_run_model(run, checkpoint=args.checkpoint, dtype=args.dtype,
+                                          original=args.format == "gguf")
         if args.format == "gguf":
             out = args.output or run.path / "gguf"
             written = export_gguf(model, tokenizer, out, base=args.gguf_base, fmt=run.dataset_format(),

@@ -2,6 +2,8 @@
 
 - `adapter.gguf`: the rank-2r adapter `[A; A0]`, `[B, -B0]` (the LoRA-GA correction folded in) in llama.cpp's
   adapter format (`general.type = adapter`, `adapter.lora.alpha`), for a base GGUF of the same model;
+- `adapter-original.gguf` (a --quant-error run): the same without the quantization-error fit, for a GGUF of the
+  original weights, which never had the error (`adapter.gguf` is for the dequantized 4-bit base, `base-f16.gguf`);
 - `model-f16.gguf`, `model-q8_0.gguf`: the merged weights `deq(Wq) + delta` (export.merged.merged_state, computed in
   fp32 and rounded once), with the tokenizer, its special tokens and the chat template in the metadata;
 - `Modelfile` for `ollama create`.
@@ -26,7 +28,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
 
-from qloraga.adapters import ADAPTER, PEFT_PREFIX, corrected_layers
+from qloraga.adapters import ADAPTER, ORIGINAL, PEFT_PREFIX, corrected_layers, has_error_fit
 from qloraga.errors import GGUFExportError
 from qloraga.export.merged import merged_state
 from qloraga.io import atomic_file
@@ -273,34 +275,38 @@ def write_model_gguf(model: PeftModel, tokenizer, path: str | os.PathLike, kind:
     return path
 
 
-def lora_pairs(model: PeftModel) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
-    """(module name, lora_A (2r, in), lora_B (out, 2r), scaling) of every LoRA layer, correction folded in."""
+def lora_pairs(model: PeftModel, original: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """(module name, lora_A (2r, in), lora_B (out, 2r), scaling) of every LoRA layer, correction folded in;
+    `original`: for the unquantized original weights (a live model's fit left out, or the ORIGINAL adapter that
+    `runs.load_run_model(original=True)` loads beside the run's)."""
     from qloraga.export.adapter import adapter_tensors
 
     base = model.get_base_model()
-    corrected = adapter_tensors(model) if corrected_layers(model) else {}
+    adapter = ORIGINAL if original and ORIGINAL in model.peft_config else ADAPTER
+    corrected = adapter_tensors(model, original) if corrected_layers(model) else {}
     for name, layer in base.named_modules():
-        if not isinstance(layer, LoraLayer) or ADAPTER not in layer.lora_A:
+        if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
             continue
         key = f"{PEFT_PREFIX}{name}"
         if f"{key}.lora_A.weight" in corrected:
             a, b = corrected[f"{key}.lora_A.weight"], corrected[f"{key}.lora_B.weight"]
         else:
-            a, b = layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach()
-        yield name, a.float(), b.float(), float(layer.scaling[ADAPTER])
+            a, b = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+        yield name, a.float(), b.float(), float(layer.scaling[adapter])
 
 
-def write_adapter_gguf(model: PeftModel, path: str | os.PathLike) -> Path:
+def write_adapter_gguf(model: PeftModel, path: str | os.PathLike, original: bool = False) -> Path:
     """llama.cpp's LoRA adapter format: `<gguf weight>.lora_a` (r, in), `.lora_b` (out, r), one alpha for the
-    file. llama.cpp scales each layer by `alpha / rank`, its rank read from that layer's tensors, so layers of
-    different ranks (a gradient allocation) load as they are; a layer whose `s * rank` is not the file's alpha
-    (e.g. every layer at one scaling s but different ranks) has the ratio folded into its lora_b."""
+    file (`original`: `lora_pairs`' adapter for the unquantized original weights). llama.cpp scales each layer
+    by `alpha / rank`, its rank read from that layer's tensors, so layers of different ranks (a gradient
+    allocation) load as they are; a layer whose `s * rank` is not the file's alpha (e.g. every layer at one
+    scaling s but different ranks) has the ratio folded into its lora_b."""
     gguf = gguf_module()
     config = model.get_base_model().config
     arch = architecture(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
                                      config.num_hidden_layers)
-    pairs = list(lora_pairs(model))
+    pairs = list(lora_pairs(model, original))
     if not pairs:
         raise GGUFExportError("This model has no LoRA adapter to export.")
     alpha = pairs[0][3] * pairs[0][1].shape[0]  # the first layer's s * rank; the others' ratio goes into lora_b
@@ -399,8 +405,9 @@ def sentencepiece_like(spec: dict) -> bool:
 def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: bool = False,
                 fmt: str = "messages", frame: Frame | None = None) -> list[Path]:
     """Write `adapter.gguf`, `model-f16.gguf`, `model-q8_0.gguf` and `Modelfile` into `out_dir`; with `base`
-    also `base-f16.gguf`, the dequantized base the adapter was trained on (for llama.cpp's --lora). The
-    Modelfile renders prompts as training on `fmt` data did, inside the training prompts' `frame`.
+    also `base-f16.gguf`, the dequantized base the adapter was trained on (for llama.cpp's --lora); with a
+    quantization-error fit also `adapter-original.gguf`, for a GGUF of the original weights. The Modelfile
+    renders prompts as training on `fmt` data did, inside the training prompts' `frame`.
 
     A SentencePiece-style tokenizer (BPE with byte fallback) gets `adapter.gguf` alone, for a base GGUF made by
     llama.cpp's convert_hf_to_gguf.py (a warning says so). Returns the files written."""
@@ -412,6 +419,8 @@ def export_gguf(model: PeftModel, tokenizer, out_dir: str | os.PathLike, base: b
         pre_tokenizer(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [write_adapter_gguf(model, out_dir / "adapter.gguf")]
+    if has_error_fit(model):
+        written.append(write_adapter_gguf(model, out_dir / "adapter-original.gguf", original=True))
     if adapter_only:
         warnings.warn("This SentencePiece-style tokenizer cannot be written to GGUF here: only adapter.gguf was "
                       "written, for a base GGUF of the same model made by llama.cpp's convert_hf_to_gguf.py. For "

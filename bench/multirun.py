@@ -31,7 +31,8 @@ ADAPTER = "default"
 
 class SlotLinear(nn.Module):
     """One target layer of K runs: the shared base layer, and run k's adapter on the k-th K-th of the rows:
-    `s B A x`, or with LoRA-GA's frozen correction `s [B, -B0] [A x; A0 x]` (as `ResidualCorrection` computes).
+    `s B A x`, or with the frozen buffers `s [B, -B0] [A x; A0 x]` (as `ResidualCorrection` computes: LoRA-GA's
+    correction and/or the quantization-error fit).
     With `only = k` every row goes through run k's adapter: run k's own model, for its evaluation."""
 
     def __init__(self, base: nn.Module, layers: Sequence[LoraLayer]):
@@ -41,19 +42,20 @@ class SlotLinear(nn.Module):
         # padded rows of A and columns of B get zero gradients, so they stay zero and change nothing.
         rank = max(x.lora_A[ADAPTER].weight.shape[0] for x in layers)
 
-        def rows(t: torch.Tensor) -> torch.Tensor:  # (r, in) -> (rank, in)
-            return F.pad(t.detach().clone(), (0, 0, 0, rank - t.shape[0]))
+        def rows(t: torch.Tensor, n: int = rank) -> torch.Tensor:  # (r, in) -> (n, in)
+            return F.pad(t.detach().clone(), (0, 0, 0, n - t.shape[0]))
 
-        def cols(t: torch.Tensor) -> torch.Tensor:  # (out, r) -> (out, rank)
-            return F.pad(t.detach().clone(), (0, rank - t.shape[1]))
+        def cols(t: torch.Tensor, n: int = rank) -> torch.Tensor:  # (out, r) -> (out, n)
+            return F.pad(t.detach().clone(), (0, n - t.shape[1]))
 
         self.a = nn.ParameterList([nn.Parameter(rows(x.lora_A[ADAPTER].weight)) for x in layers])
         self.b = nn.ParameterList([nn.Parameter(cols(x.lora_B[ADAPTER].weight)) for x in layers])
         self.scaling = layers[0].scaling[ADAPTER]
         self.corrected = getattr(layers[0], A0_BUFFER, None) is not None
-        if self.corrected:
-            self.register_buffer("a0", torch.stack([rows(getattr(x, A0_BUFFER)) for x in layers]))
-            self.register_buffer("b0", torch.stack([cols(getattr(x, B0_BUFFER)) for x in layers]))
+        if self.corrected:  # its own width: the quantization-error fit's rows may stand beside the correction's
+            frozen = max(getattr(x, A0_BUFFER).shape[0] for x in layers)
+            self.register_buffer("a0", torch.stack([rows(getattr(x, A0_BUFFER), frozen) for x in layers]))
+            self.register_buffer("b0", torch.stack([cols(getattr(x, B0_BUFFER), frozen) for x in layers]))
         self.only: int | None = None
 
     def factors(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +184,8 @@ def train_group(model: nn.Module, params: list[list[nn.Parameter]], orders: list
     return curves
 
 
-# inits whose runs share the frozen 4-bit base unchanged
-GROUPABLE = {"lora", "lora-ga", "lora-one", "lora-one-ranks", "gora"}
+# inits whose runs share the frozen 4-bit base unchanged (the quantization-error fit is a frozen buffer beside it)
+GROUPABLE = {"lora", "lora-ga", "lora-one", "lora-one-ranks", "gora", "lora-one-qe"}
 
 
 @dataclass

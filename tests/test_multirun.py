@@ -34,7 +34,8 @@ SLOTS = [(1e-2, 0), (1e-1, 0), (1e-2, 1)]
 
 # Plain adapters (QLoRA; LoRA-One computes the same way), adapters with the frozen correction (LoRA-GA), and
 # per-layer ranks that differ between the seeds (GoRA's allocation: zero-padded to the widest).
-@pytest.mark.parametrize("method", ["QLoRA (PEFT, B=0)", "LoRA-GA (qloraga, exact)", "GoRA (qloraga)"])
+@pytest.mark.parametrize("method", ["QLoRA (PEFT, B=0)", "LoRA-GA (qloraga, exact)", "GoRA (qloraga)",
+                                    "LoRA-One + quant-error fit (qloraga)"])
 def test_runs_as_one_model_match_separate_runs(setup, method):
     task, args, base = setup
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ and a rerun of the same command skips the runs its JSON already holds.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -127,6 +128,20 @@ def report(out: Path, suffix: str) -> None:
           convergence.draw_curves(fig, {TASK: {"runs": runs, "chosen": chosen}}, plain=rc.PLAIN, title=title)))
 
 
+def horizon_args(p: argparse.ArgumentParser, *, steps: int, eval_steps: list[int], batch_size: int,
+                 grad_batches: int) -> None:
+    """The run settings (`SETTINGS`) of a long-horizon comparison, at the script's defaults."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--eval-steps", type=int, nargs="+", default=eval_steps,
+                   help="steps where the held-out loss is measured (and step 0, and the last)")
+    p.add_argument("--held-out-from-train", type=int, default=36,
+                   help="last train rows moved to the held-out set (with the 64 test rows)")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--grad-batches", type=int, default=grad_batches,
+                   help="calibration/gradient batches of the data inits")
+    p.add_argument("--r", type=int, default=8)
+
+
 def main() -> None:
     p = common.parser(__doc__.split("\n")[0])
     p.add_argument("--method", choices=list(rc.METHODS), help="the method this process runs")
@@ -136,14 +151,7 @@ def main() -> None:
                    help="other JSON files of this method whose runs count as done (a rate run apart)")
     p.add_argument("--report", action="store_true", help="only the table and plot from the saved JSON files")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--eval-steps", type=int, nargs="+", default=[10, 20, 40, 60],
-                   help="steps where the held-out loss is measured (and step 0, and the last)")
-    p.add_argument("--held-out-from-train", type=int, default=36,
-                   help="last train rows moved to the held-out set (with the 64 test rows)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-batches", type=int, default=2, help="gradient batches of the gradient-aligned inits")
-    p.add_argument("--r", type=int, default=8)
+    horizon_args(p, steps=60, eval_steps=[10, 20, 40, 60], batch_size=8, grad_batches=2)
     args = p.parse_args()
     suffix = "_tiny" if args.tiny else ""
     if args.report:

@@ -243,14 +243,7 @@ def main() -> None:
     p.add_argument("--lrs", type=float, nargs="+", help="the methods' grid (seed 0 at each)")
     p.add_argument("--seeds", type=int, default=1, help="then seeds 1.. at the chosen rate")
     p.add_argument("--report", action="store_true", help="only the tables and plot from the saved JSON files")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--eval-steps", type=int, nargs="+", default=[10, 25, 50, 100],
-                   help="steps where the held-out loss is measured (and step 0, and the last)")
-    p.add_argument("--held-out-from-train", type=int, default=36,
-                   help="last train rows moved to the held-out set (with the 64 test rows)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-batches", type=int, default=8, help="calibration/gradient batches of the data inits")
-    p.add_argument("--r", type=int, default=8)
+    lh.horizon_args(p, steps=100, eval_steps=[10, 25, 50, 100], batch_size=4, grad_batches=8)
     args = p.parse_args()
     suffix = "_tiny" if args.tiny else ""
     if args.report:

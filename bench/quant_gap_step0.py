@@ -235,7 +235,7 @@ def main() -> None:
                            if (real_convergence.TASKS / f"{t}.jsonl").exists()]
     if args.tiny:
         tasks, args.grad_batches, args.batch_size = tasks[:1], 1, 2
-    base_path = model_source(str(real_convergence.smollm2_gguf()))
+    base_path = real_convergence.tiny_base() if args.tiny else model_source(str(real_convergence.smollm2_gguf()))
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     name = args.name + ("_tiny" if args.tiny else "")
     results = []

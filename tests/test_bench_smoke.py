@@ -26,6 +26,9 @@ SCRIPTS = {  # script: the JSON files its --tiny run writes
     "real_convergence.py": ["real_convergence_debian_tiny.json", "real_convergence_pydoc_tiny.json"],
     "long_horizon.py": ["long_horizon_debian_qlora-peft-b-0_tiny.json",
                         "long_horizon_debian_lora-one-qloraga_tiny.json", "long_horizon_debian_tiny.json"],
+    "quant_gap_step0.py": ["quant_gap_step0_tiny.json"],
+    "quant_gap.py": ["quant_gap_debian_qlora-peft-b-0_tiny.json", "quant_gap_debian_loftq-peft-1-iteration_tiny.json",
+                     "quant_gap_debian_quant-error-fit-alone-qloraga-b-0_tiny.json", "quant_gap_tiny.json"],
 }
 RUNNER = """
 import runpy, sys
@@ -46,7 +49,8 @@ def test_every_bench_script_runs_tiny(tmp_path):
         for name in files:
             result = json.loads((tmp_path / name).read_text())
             assert result["machine"]["torch"], f"{script} wrote {name} without its header"
-    for plot in ("convergence_tiny.png", "real_convergence_tiny.png", "long_horizon_debian_tiny.png"):
+    for plot in ("convergence_tiny.png", "real_convergence_tiny.png", "long_horizon_debian_tiny.png",
+                 "quant_gap_tiny.png"):
         assert (tmp_path / plot).exists(), plot
 
 

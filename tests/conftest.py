@@ -107,6 +107,10 @@ TIERS = {
     "test_distributed::test_ddp_steps": "slow",
     "test_distributed::test_init_is_identical_on_every_rank": "slow",
     "test_dryrun": "unit",
+    "test_error_fit": "unit",
+    "test_error_fit::test_cli_run_says_what_the_fit_did": "integration",  # the command line
+    "test_error_fit::test_cli_refuses_what_has_no_error_to_fit": "integration",
+    "test_error_fit::test_checkpoint_adapter_keeps_the_fit": "integration",
     "test_errors": "unit",
     "test_estimate": "unit",
     "test_estimate::test_auto_budget_is_the_default": "integration",  # three whole initialisations

@@ -166,6 +166,8 @@ def form_config(changes: dict, model: str = "demo", dataset: str = "demo", trust
     ({"seq_len": 0}, ["--seq-len", "0"], "seq_len"),
     ({"max_steps": -1, "epochs": 0}, ["--max-steps", "-1", "--epochs", "0"], "max_steps"),
     ({"eval_split": 1.5}, ["--eval-split", "1.5"], "eval_split"),
+    ({"lora_ga.quant_error": "activation", "lora_ga.estimator": "sketch"},
+     ["--quant-error", "activation", "--estimator", "sketch"], "lora_ga.quant_error"),
 ])
 def test_bad_settings_give_the_cli_error_at_their_field(tmp_path, capsys, changes, flags, field):
     runs = RunsFolder(tmp_path / "runs")
